@@ -1,0 +1,23 @@
+# The two commands of the README: `make demo` and `make test`. Both create the
+# virtual environment and install jclip (with its test extra) when needed.
+PYTHON ?= python3
+VENV ?= .venv
+WORKDIR ?= runs/shapes_tiny
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+$(INSTALLED): setup.cfg pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(INSTALLED)
+	$(VENV)/bin/python -m jclip.train --config configs/shapes_tiny.py --workdir $(WORKDIR)
+
+test: $(INSTALLED)
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(WORKDIR)

@@ -1,0 +1,46 @@
+"""The demo recipe: a small CLIP trained on the built-in `shapes` dataset in a few minutes on a CPU.
+
+    python -m jclip.train --config configs/shapes_tiny.py --workdir runs/shapes_tiny
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from jclip.models import model_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "shapes"
+    config.data.builder_config = "default"
+    config.data.data_dir = placeholder(str)  # default: $JCLIP_DATA_DIR or ~/.cache/jclip/datasets
+    config.data.text_length = 16
+    config.data.shuffle_buffer = 50_000
+
+    config.model_name = "shapes-tiny"
+    config.model = model_config(config.model_name)
+    config.loss = "clip"
+
+    config.batch_size = 256
+    config.total_steps = 600
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.end_learning_rate = 1e-5
+    config.optimizer.warmup_steps = 60
+    config.optimizer.weight_decay = 0.1
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.98
+    config.optimizer.eps = 1e-6
+    config.optimizer.grad_clip_norm = 1.0
+
+    config.log_every = 20
+    config.checkpoint_every = 200
+    config.keep_checkpoints = 2
+
+    config.evaluate = ml_collections.ConfigDict()
+    config.evaluate.split = "test"
+    config.evaluate.batch_size = 512
+    return config

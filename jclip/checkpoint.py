@@ -1,0 +1,83 @@
+"""Checkpoints of a training run: orbax CheckpointManager with atomic, async saves.
+
+A checkpoint holds the train state (params, optimizer state, step) and a small
+JSON record: the model configuration (to refuse resuming another model) and
+the input pipeline's position (for an exact resume). Orbax writes each step
+into a temporary directory and renames it when complete, so a crash or kill
+never leaves a half-written checkpoint where a resume would find it.
+"""
+
+import os
+from typing import Any, Optional
+
+import orbax.checkpoint as ocp
+
+
+class ModelMismatchError(ValueError):
+    """The workdir holds a checkpoint of a different model."""
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current)):
+            out += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == current else [f"{prefix.rstrip('.')}: checkpoint has {saved!r}, config has {current!r}"]
+
+
+class Checkpointer:
+    """Saves and restores train states under `<workdir>/checkpoints/<step>`.
+
+    `model` is the model's configuration (a JSON-compatible dict); a checkpoint
+    saved with a different one is refused with `ModelMismatchError`.
+    """
+
+    def __init__(self, workdir: str, model: dict, *, save_every: int, keep: int = 3):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.model = model
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                save_interval_steps=save_every, max_to_keep=keep, create=True,
+                enable_async_checkpointing=True,
+            ),
+            item_names=("state", "record"),
+        )
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, record: dict, *, force: bool = False) -> bool:
+        """Start saving `state` at `step` if due (or `force`); returns whether it saves."""
+        record = {**record, "model": self.model, "step": step}
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),
+            force=force,
+        )
+
+    def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
+        """The state and record saved at `step` (default: latest), laid out like `abstract_state`."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        record = self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+        differences = _differences(record.get("model"), self.model)
+        if differences:
+            raise ModelMismatchError(
+                f"{self.directory} holds a checkpoint (step {step}) of a different model: "
+                + "; ".join(differences[:5])
+                + ". Use a new --workdir, or the config the checkpoint was trained with."
+            )
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        return restored["state"], record
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,38 @@
+"""Command-line flags shared by `python -m jclip.train` and `python -m jclip.evaluate`.
+
+`--config configs/NAME.py` selects an ml_collections config file and
+`--config.KEY=VALUE` overrides any of its fields, the convention of the JAX
+ecosystem. Bad flags stop with one line saying what is wrong.
+"""
+
+import sys
+from typing import Callable, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and results.json.")
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl flag parsing, with config-override errors reduced to one readable line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        message = str(error)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        message = str(error.args[0] if error.args else error).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    raise SystemExit(f"error: {message}\nRun with --helpfull for the flags; config fields are those of the --config file.")
+
+
+def run_main(main: Callable[[list[str]], None]) -> None:
+    """Run `main` under absl with jclip's flag parsing."""
+    app.run(main, flags_parser=parse_flags)
+
+
+def require(name: str) -> None:
+    if getattr(FLAGS, name) is None:
+        sys.exit(f"error: --{name} is required")

@@ -1,0 +1,1 @@
+"""Input pipeline: datasets, tokenizers, preprocessing and per-process sharding."""

@@ -1,0 +1,26 @@
+"""Embedding a whole evaluation set, sharded over the mesh, in fixed-size padded batches."""
+
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jclip import parallel
+
+
+def embed_all(encode: Callable, params, inputs: np.ndarray, batch_size: int, mesh: Mesh) -> np.ndarray:
+    """`encode(params, batch)` over all `inputs`, `batch_size` rows at a time.
+
+    The last batch is padded with zeros to the full size (one compiled shape,
+    divisible by the device count) and the padded rows are dropped afterwards.
+    """
+    parallel.check_batch_size(batch_size, mesh, what="config.evaluate.batch_size")
+    sharding = parallel.batch_sharding(mesh)
+    encode = jax.jit(encode, in_shardings=(parallel.replicated(mesh), sharding), out_shardings=sharding)
+    outputs = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        outputs.append(np.asarray(jax.device_get(encode(params, jax.device_put(padded, sharding))))[: len(chunk)])
+    return np.concatenate(outputs)

@@ -1,0 +1,40 @@
+"""Input checks shared by the losses: clear `ValueError`s that name the offending shapes."""
+
+import jax.numpy as jnp
+
+
+def check_embeddings(zimg, ztxt):
+    """Both embeddings must be 2-D `[batch, dim]` arrays of the same shape."""
+    if jnp.ndim(zimg) != 2 or jnp.ndim(ztxt) != 2:
+        raise ValueError(
+            f"embeddings must be 2-D [batch, dim]; got zimg {jnp.shape(zimg)} and ztxt {jnp.shape(ztxt)}"
+        )
+    if jnp.shape(zimg) != jnp.shape(ztxt):
+        raise ValueError(
+            f"zimg and ztxt must have the same shape; got zimg {jnp.shape(zimg)} and ztxt {jnp.shape(ztxt)}"
+        )
+
+
+def as_scalar(value, name):
+    """Returns a one-element parameter (shape `()` or `(1,)`, as some checkpoints store it) as a scalar."""
+    if jnp.size(value) != 1:
+        raise ValueError(f"{name} must hold exactly one element; got shape {jnp.shape(value)}")
+    return jnp.reshape(value, ())
+
+
+def check_tiling(local_batch, global_batch, *, axis_name, ring, block_size):
+    """A ring needs a device axis; a block size must divide the columns each step scans."""
+    if ring and axis_name is None:
+        raise ValueError(
+            f"ring=True passes embeddings between devices and needs axis_name; got axis_name=None "
+            f"for a batch of {local_batch} rows"
+        )
+    if block_size is None:
+        return
+    columns = local_batch if ring else global_batch
+    what = "local batch" if ring else "global batch"
+    if block_size <= 0 or columns % block_size:
+        raise ValueError(
+            f"block_size={block_size} must be a positive divisor of the {what} ({columns} columns; "
+            f"local embeddings have {local_batch} rows)"
+        )

@@ -1,0 +1,98 @@
+"""The pairwise sigmoid loss of SigLIP (Zhai et al. 2023, arXiv 2303.15343)."""
+
+import jax
+import jax.numpy as jnp
+
+from jclip.losses._device_axis import device_count, global_sum
+from jclip.losses._validation import as_scalar, check_embeddings, check_tiling
+from jclip.losses.blocks import BlockReduction, reduce_over_keys
+
+
+def _sigmoid_terms(queries, keys, row_bias, first_row, first_column):
+    # -log σ(z l) = softplus(-z l), z = +1 on the positive pair and -1 elsewhere.
+    rows = first_row + jnp.arange(queries.shape[0])
+    columns = first_column + jnp.arange(keys.shape[0])
+    labels = jnp.where(rows[:, None] == columns[None, :], 1.0, -1.0)
+    return jnp.sum(jax.nn.softplus(-labels * (queries @ keys.T + row_bias[:, None])), axis=1)
+
+
+def _sigmoid_share(queries, keys, row_bias, first_row, first_column, total):
+    return _sigmoid_terms(queries, keys, row_bias, first_row, first_column)
+
+
+SIGMOID_SUM = BlockReduction(
+    value=_sigmoid_terms, combine=jnp.add, identity=jnp.zeros_like, finish=lambda terms: terms,
+    share=_sigmoid_share,
+)
+
+
+def siglip_loss(zimg, ztxt, scale, bias, *, axis_name=None, ring=False, block_size=None):
+    """Sigmoid loss of SigLIP over the global batch of B pairs (Zhai et al. 2023, Eq. 1).
+
+        loss = -(1/B) Σ_i Σ_j log σ(z_ij (scale · zimg_i · ztxt_j + bias)),
+
+    z_ij = 1 for the positive pair (i = j) and -1 otherwise; the sum runs over all B² pairs of
+    the global batch and the normalisation is 1/B whatever the number of devices.
+
+    Args:
+      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model; any values are
+        handled). Computed in at least float32.
+      scale: exp(t'), a one-element array; bias: b, a one-element array (initial values in
+        `jclip.losses.temperature`).
+      axis_name: None when the arrays are the whole batch (plain `jit`, or global arrays that XLA
+        partitions). Inside `jax.pmap` / `jax.shard_map`, the name of the device axis: the arrays
+        are this device's b rows, device d holding global rows d·b .. d·b + b - 1, and the result is
+        the loss of the global batch B = b · devices, identical on every device.
+      ring: instead of all-gathering the texts, pass them around the ring (`lax.ppermute`) one
+        device block at a time, as in the paper's chunked implementation (Sec. 3.3), recomputing
+        each block in the backward pass; memory per device grows linearly with B. Needs
+        `axis_name`.
+      block_size: also split the columns each device scans into blocks of this many, with
+        recomputation, so that even one device never holds `[b, B]` logits. Must divide the
+        local batch with `ring`, the global batch without.
+
+    Returns:
+      The scalar loss of the global batch; the same value and gradients for every choice of
+      devices, `ring` and `block_size`.
+
+    Gradients (params replicated, data sharded over axis "data"):
+
+      shard_map (default `check_vma=True`): `jax.grad` of the returned loss is already the
+      gradient of the global loss, the same on every device; no extra collective:
+
+        def step(params, images, texts):           # per-device shards of the batch
+            def loss_fn(params):
+                zimg, ztxt, scale, bias = model(params, images, texts)
+                return siglip_loss(zimg, ztxt, scale, bias, axis_name="data")
+            return jax.value_and_grad(loss_fn)(params)
+        jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                              out_specs=(P(), P())))
+
+      pmap (and shard_map with `check_vma=False`): each device's `jax.grad` is the derivative of
+      the sum of the N per-device copies of the loss with respect to its own copy of the params,
+      N times that device's share of the gradient; `lax.pmean` over the axis gives the global
+      gradient:
+
+        def step(params, images, texts):
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            return loss, jax.lax.pmean(grads, "data")
+        jax.pmap(step, axis_name="data", in_axes=(None, 0, 0))
+
+      The same holds for gradients of `scale` and `bias`. Gradients with respect to the local
+      embeddings are the global loss's under shard_map and N times those under pmap.
+    """
+    check_embeddings(zimg, ztxt)
+    scale, bias = as_scalar(scale, "scale"), as_scalar(bias, "bias")
+    local_batch = zimg.shape[0]
+    batch = local_batch * device_count(axis_name)
+    check_tiling(local_batch, batch, axis_name=axis_name, ring=ring, block_size=block_size)
+    dtype = jnp.promote_types(zimg.dtype, jnp.float32)
+    zimg, ztxt = zimg.astype(dtype), ztxt.astype(dtype)
+    queries = scale.astype(dtype) * zimg
+    # One copy of the bias per local row, typed like the queries (device-varying under shard_map),
+    # so that the tiled custom VJP returns its gradient per device and autodiff sums it.
+    row_bias = bias.astype(dtype) + jnp.zeros_like(queries[:, 0])
+    terms = reduce_over_keys(
+        SIGMOID_SUM, queries, ztxt, row_bias, axis_name=axis_name, ring=ring, block_size=block_size
+    )
+    return global_sum(jnp.sum(terms), axis_name) / batch

@@ -1,0 +1,120 @@
+"""The softmax (InfoNCE) contrastive loss of CLIP (Radford et al. 2021, arXiv 2103.00020)."""
+
+import jax.numpy as jnp
+from jax import lax
+
+from jclip.losses._device_axis import device_count, global_sum
+from jclip.losses._validation import as_scalar, check_embeddings, check_tiling
+from jclip.losses.blocks import BlockReduction, reduce_over_keys
+
+
+def _peak_and_mass(queries, keys, params, first_row, first_column):
+    # The online log-sum-exp keeps (row max m, Σ exp(l - m)): accumulating the log-sum-exp itself
+    # would round every partial sum to the precision of the large logits.
+    logit = queries @ keys.T
+    peak = lax.stop_gradient(jnp.max(logit, axis=1))
+    return peak, jnp.sum(jnp.exp(logit - peak[:, None]), axis=1)
+
+
+def _merge(a, b):
+    (peak_a, mass_a), (peak_b, mass_b) = a, b
+    peak = jnp.maximum(peak_a, peak_b)
+    return peak, mass_a * jnp.exp(peak_a - peak) + mass_b * jnp.exp(peak_b - peak)
+
+
+def _log_sum_exp(peak_and_mass):
+    peak, mass = peak_and_mass
+    return peak + jnp.log(mass)
+
+
+def _softmax_mass(queries, keys, params, first_row, first_column, log_sum_exp):
+    # d lse_i / d l_ij = exp(l_ij - lse_i): the derivative of this block's softmax mass at fixed lse.
+    return jnp.sum(jnp.exp(queries @ keys.T - log_sum_exp[:, None]), axis=1)
+
+
+def _no_mass(row):
+    return jnp.full_like(row, -jnp.inf), jnp.zeros_like(row)
+
+
+LOG_SUM_EXP = BlockReduction(
+    value=_peak_and_mass, combine=_merge, identity=_no_mass, finish=_log_sum_exp, share=_softmax_mass
+)
+
+
+def clip_loss(zimg, ztxt, scale, *, axis_name=None, ring=False, block_size=None, label_smoothing=0.0):
+    """Symmetric InfoNCE of CLIP over the global batch of B pairs (Radford et al. 2021, Fig. 3).
+
+    With logits l_ij = scale · zimg_i · ztxt_j, the loss is the mean of the image→text and
+    text→image cross-entropies, whose targets put 1 - ε on the positive pair and ε/B on every
+    column (the positive included), as in optax / PyTorch label smoothing:
+
+        CE_i = logsumexp_j l_ij - (1 - ε) l_ii - (ε / B) Σ_j l_ij
+        loss = (1 / 2B) Σ_i [CE_i(image→text) + CE_i(text→image)]
+
+    Args:
+      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model; any values are
+        handled). Computed in at least float32.
+      scale: inverse temperature exp(t), a one-element array (see `jclip.losses.temperature`).
+      axis_name: None when the arrays are the whole batch (plain `jit`, or global arrays that XLA
+        partitions). Inside `jax.pmap` / `jax.shard_map`, the name of the device axis: the arrays
+        are this device's b rows, device d holding global rows d·b .. d·b + b - 1, and the result is
+        the loss of the global batch B = b · devices, identical on every device.
+      ring: pass the other devices' embeddings around the ring (`lax.ppermute`) one device block at
+        a time instead of all-gathering them, with a running log-sum-exp and the logits recomputed
+        in the backward pass; memory per device grows linearly with B. Needs `axis_name`.
+      block_size: also split the columns each device scans into blocks of this many (online
+        log-sum-exp, recomputation), so that even one device never holds `[b, B]` logits. Must
+        divide the local batch with `ring`, the global batch without.
+      label_smoothing: ε above, a Python float.
+
+    Returns:
+      The scalar loss of the global batch; the same value and gradients for every choice of
+      devices, `ring` and `block_size`.
+
+    Gradients (params replicated, data sharded over axis "data"):
+
+      shard_map (default `check_vma=True`): `jax.grad` of the returned loss is already the
+      gradient of the global loss, the same on every device; no extra collective:
+
+        def step(params, images, texts):           # per-device shards of the batch
+            def loss_fn(params):
+                zimg, ztxt, scale = model(params, images, texts)
+                return clip_loss(zimg, ztxt, scale, axis_name="data")
+            return jax.value_and_grad(loss_fn)(params)
+        jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                              out_specs=(P(), P())))
+
+      pmap (and shard_map with `check_vma=False`): each device's `jax.grad` is the derivative of
+      the sum of the N per-device copies of the loss with respect to its own copy of the params,
+      N times that device's share of the gradient; `lax.pmean` over the axis gives the global
+      gradient:
+
+        def step(params, images, texts):
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            return loss, jax.lax.pmean(grads, "data")
+        jax.pmap(step, axis_name="data", in_axes=(None, 0, 0))
+
+      The same holds for gradients of `scale`. Gradients with respect to the local embeddings
+      are the global loss's under shard_map and N times those under pmap.
+    """
+    check_embeddings(zimg, ztxt)
+    scale = as_scalar(scale, "scale")
+    local_batch = zimg.shape[0]
+    batch = local_batch * device_count(axis_name)
+    check_tiling(local_batch, batch, axis_name=axis_name, ring=ring, block_size=block_size)
+    dtype = jnp.promote_types(zimg.dtype, jnp.float32)
+    zimg, ztxt, scale = zimg.astype(dtype), ztxt.astype(dtype), scale.astype(dtype)
+
+    def cross_entropy(rows, columns):
+        queries = scale * rows
+        log_sum_exp = reduce_over_keys(
+            LOG_SUM_EXP, queries, columns, (), axis_name=axis_name, ring=ring, block_size=block_size
+        )
+        positive = jnp.sum(queries * columns, axis=1)
+        loss = log_sum_exp - (1.0 - label_smoothing) * positive
+        if label_smoothing:
+            loss -= label_smoothing * (queries @ global_sum(jnp.sum(columns, axis=0), axis_name)) / batch
+        return loss
+
+    local = jnp.sum(cross_entropy(zimg, ztxt) + cross_entropy(ztxt, zimg))
+    return global_sum(local, axis_name) / (2 * batch)

@@ -1,0 +1,53 @@
+"""The device mesh, the shardings of batches and parameters, and global batches.
+
+jclip runs data-parallel over one mesh axis named `data` that spans every
+device of every process. Per-device code uses `axis_name="data"` collectives
+and runs under `jax.shard_map` inside `jax.jit`.
+"""
+
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: Optional[int] = None) -> Mesh:
+    """A 1-D mesh over the first `num_devices` devices (default: all, all processes)."""
+    devices = jax.devices()
+    if num_devices is not None:
+        if not 1 <= num_devices <= len(devices):
+            raise ValueError(f"num_devices={num_devices}, but {len(devices)} devices are available")
+        devices = devices[:num_devices]
+    return jax.make_mesh(
+        (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The leading (batch) dimension split over the `data` axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "config.batch_size") -> None:
+    """Raise a clear error unless `batch_size` splits evenly over devices and processes."""
+    devices, processes = mesh.devices.size, jax.process_count()
+    if batch_size % devices or batch_size % processes:
+        raise ValueError(
+            f"{what}={batch_size} is not divisible by the number of devices ({devices}) "
+            f"and processes ({processes}); use a multiple of {np.lcm(devices, processes)}, "
+            f"e.g. --{what}={max(1, batch_size // devices) * devices}"
+        )
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's slice of a batch -> global arrays sharded over `data`."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

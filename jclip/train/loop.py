@@ -1,0 +1,134 @@
+"""The training loop: data, model, sharded steps, logging, checkpoints, final evaluation."""
+
+import json
+import os
+import signal
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from jclip import models, parallel
+from jclip.checkpoint import Checkpointer
+from jclip.data import pipeline
+from jclip.data.sources import load_source
+from jclip.data.tokenizer import Tokenizer
+from jclip.evaluate.shapes_benchmark import evaluate_and_report
+from jclip.train.optimizer import build_optimizer, learning_rate_schedule
+from jclip.train.state import TrainState, abstract_train_state, create_train_state
+from jclip.train.step import make_train_step
+
+
+class StopRequested:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (preemption)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_vocabulary(config: ConfigDict, tokenizer: Tokenizer) -> None:
+    if tokenizer.vocab_size > config.model.text.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but config.model.text.vocab_size is "
+            f"{config.model.text.vocab_size}; set --config.model.text.vocab_size={tokenizer.vocab_size}"
+        )
+
+
+def write_config(config: ConfigDict, workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
+          stop_after: Optional[int] = None) -> TrainState:
+    """Train (resuming from the latest checkpoint in `workdir`) and return the final state.
+
+    `stop_after` ends the run early after that many steps of this call, as a
+    preemption would (a checkpoint is saved first).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    write_config(config, workdir)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+    builder, tokenizer = load_source(config.data)
+    check_vocabulary(config, tokenizer)
+
+    model = models.CLIP(**config.model)
+    optimizer = build_optimizer(config)
+    schedule = learning_rate_schedule(config)
+    image_shape = builder.info.features["image"].shape
+    checkpointer = Checkpointer(workdir, config.model.to_dict(), save_every=config.checkpoint_every,
+                                keep=config.keep_checkpoints)
+    if checkpointer.latest_step() is None:
+        state = create_train_state(model, optimizer, jax.random.key(config.seed), image_shape,
+                                   config.data.text_length, mesh)
+    else:
+        abstract = abstract_train_state(model, optimizer, image_shape, config.data.text_length, mesh)
+        state, _ = checkpointer.restore(abstract)
+        print(f"Resuming from {checkpointer.directory} at step {int(state.step)}.")
+    start_step = int(state.step)
+
+    batches = pipeline.train_batches(
+        builder, tokenizer, mesh, batch_size=config.batch_size, text_length=config.data.text_length,
+        seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, start_step=start_step,
+    )
+    train_step = make_train_step(model, optimizer, mesh, config.loss)
+    end_step = config.total_steps if stop_after is None else min(config.total_steps, start_step + stop_after)
+
+    def record_for(step):
+        return {"data_position": step * config.batch_size, "seed": config.seed}
+
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    with StopRequested() as stop, tqdm(
+        total=config.total_steps, initial=start_step, desc="train", unit="step",
+        disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0,
+    ) as bar:
+        step = start_step
+        window_start, window_steps = time.perf_counter(), 0
+        while step < end_step and not stop.requested:
+            state, metrics = train_step(state, next(batches))
+            step += 1
+            window_steps += 1
+            checkpointer.save(step, state, record_for(step))
+            if step % config.log_every == 0 or step == end_step:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not np.isfinite(metrics["loss"]):
+                    raise FloatingPointError(
+                        f"loss is {metrics['loss']} at step {step}; last good checkpoint: "
+                        f"step {checkpointer.latest_step()} in {checkpointer.directory}"
+                    )
+                elapsed = time.perf_counter() - window_start
+                metrics["samples_per_second"] = window_steps * config.batch_size / elapsed
+                metrics["learning_rate"] = float(schedule(step - 1))
+                window_start, window_steps = time.perf_counter(), 0
+                if jax.process_index() == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": step, **metrics}) + "\n")
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{metrics['samples_per_second']:.0f}")
+            bar.update(1)
+    if checkpointer.latest_step() != step:
+        checkpointer.save(step, state, record_for(step), force=True)
+    checkpointer.wait()
+    checkpointer.close()
+    if stop.requested:
+        print(f"Stopped at step {step} on request; checkpoint saved. Re-run the same command to resume.")
+    elif evaluate_at_end and step == config.total_steps:
+        evaluate_and_report(model, state.params, builder, tokenizer, config, workdir, mesh, step)
+    return state

@@ -1,0 +1,54 @@
+"""Test set-up: 8 simulated CPU devices, set before JAX is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import importlib.util
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str):
+    """`configs/<name>.py`'s `get_config()`, as the command line would load it."""
+    spec = importlib.util.spec_from_file_location(f"configs.{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory) -> str:
+    """A data dir holding the `shapes/tiny` dataset and its tokenizer, built once per session."""
+    from jclip.data import shapes
+
+    data_dir = str(tmp_path_factory.mktemp("datasets"))
+    shapes.prepare("tiny", data_dir)
+    return data_dir
+
+
+@pytest.fixture
+def tiny_config(shapes_data_dir):
+    """The demo config shrunk to the `tiny` dataset and the `test-micro` model: seconds per run."""
+    from jclip.models import model_config
+
+    config = load_config("shapes_tiny")
+    config.data.builder_config = "tiny"
+    config.data.data_dir = shapes_data_dir
+    config.data.shuffle_buffer = 512
+    config.model_name = "test-micro"
+    config.model = model_config("test-micro")
+    config.batch_size = 32
+    config.total_steps = 12
+    config.optimizer.warmup_steps = 2
+    config.log_every = 2
+    config.checkpoint_every = 4
+    config.evaluate.batch_size = 64
+    return config

@@ -1,0 +1,168 @@
+"""The sharded train step, the loop, checkpoints and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO
+from jclip import models, parallel
+from jclip.checkpoint import Checkpointer, ModelMismatchError
+from jclip.train.loop import train
+from jclip.train.optimizer import build_optimizer, weight_decay_mask
+from jclip.train.state import abstract_train_state
+from jclip.train.step import make_gradient_step
+
+
+def random_batch(batch_size, image_size=32, length=16, vocab=256, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, (batch_size, length)).astype(np.int32)
+    tokens[:, rng.integers(4, length):] = 0  # padding after a random length
+    return {"image": rng.uniform(-1, 1, (batch_size, image_size, image_size, 3)).astype(np.float32),
+            "tokens": tokens}
+
+
+def test_sharded_gradients_equal_single_device_gradients():
+    model = models.create("test-micro")
+    batch = random_batch(16)
+    params = model.init(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
+    results = {}
+    for devices in (1, 2, 8):
+        mesh = parallel.make_mesh(devices)
+        step = make_gradient_step(model, mesh)
+        results[devices] = jax.device_get(step(params, parallel.global_batch(batch, mesh)))
+    loss_1, grads_1 = results[1]
+    assert np.isfinite(loss_1) and loss_1 > 0
+    for devices in (2, 8):
+        loss_n, grads_n = results[devices]
+        np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5)
+        largest = max(np.abs(g).max() for g in jax.tree.leaves(grads_1))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * largest), grads_n, grads_1)
+    assert abs(float(grads_1["logit_scale"])) > 0
+
+
+def test_weight_decay_skips_biases_norms_scale_and_position_embeddings():
+    model = models.create("test-micro")
+    batch = random_batch(2)
+    params = model.init(jax.random.key(0), batch["image"], batch["tokens"])["params"]
+    mask = weight_decay_mask(params)
+    assert mask["image_tower"]["proj"]["kernel"] and mask["text_tower"]["token_embedding"]["embedding"]
+    assert not mask["logit_scale"] and not mask["image_tower"]["pos_embedding"]
+    assert not mask["image_tower"]["cls_token"] and not mask["text_tower"]["ln_final"]["scale"]
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_short_run_lowers_loss_and_writes_results(tiny_config, tmp_path):
+    tiny_config.total_steps = 40
+    tiny_config.optimizer.learning_rate = 3e-3
+    tiny_config.log_every = 5
+    workdir = str(tmp_path / "run")
+    train(tiny_config, workdir)
+    losses = [m["loss"] for m in read_metrics(workdir)]
+    assert len(losses) == 8
+    assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    assert results["step"] == 40
+    assert set(results["zero_shot"]) == {"shape", "colour"}
+    assert 0.0 <= results["retrieval"]["image_to_text"]["R@1"] <= results["retrieval"]["image_to_text"]["R@5"] <= 1.0
+
+
+def restore_params(config, workdir):
+    mesh = parallel.make_mesh()
+    model = models.CLIP(**config.model)
+    abstract = abstract_train_state(model, build_optimizer(config), (64, 64, 3), config.data.text_length, mesh)
+    state, record = Checkpointer(workdir, config.model.to_dict(), save_every=1).restore(abstract)
+    return state, record
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_checkpoint_restores_identical_state(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    final = train(tiny_config, workdir, evaluate_at_end=False)
+    restored, record = restore_params(tiny_config, workdir)
+    assert int(restored.step) == tiny_config.total_steps
+    assert record["data_position"] == tiny_config.total_steps * tiny_config.batch_size
+    assert_trees_equal(restored.params, final.params)
+    assert_trees_equal(restored.opt_state, final.opt_state)
+
+
+def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
+    uninterrupted = train(tiny_config, str(tmp_path / "a"), evaluate_at_end=False)
+    workdir = str(tmp_path / "b")
+    stopped = train(tiny_config, workdir, evaluate_at_end=False, stop_after=5)
+    assert int(stopped.step) == 5
+    resumed = train(tiny_config, workdir, evaluate_at_end=False)
+    assert int(resumed.step) == tiny_config.total_steps
+    assert_trees_equal(resumed.params, uninterrupted.params)
+    steps = [m["step"] for m in read_metrics(workdir)]
+    assert steps == sorted(steps) and steps[-1] == tiny_config.total_steps
+
+
+def test_bad_batch_size_is_a_clear_error(tiny_config, tmp_path):
+    tiny_config.batch_size = 30
+    with pytest.raises(ValueError, match=r"batch_size=30 is not divisible by the number of devices \(8\)"):
+        train(tiny_config, str(tmp_path / "run"))
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    tiny_config.total_steps = 4
+    train(tiny_config, workdir, evaluate_at_end=False)
+    tiny_config.model.text.depth = 2
+    with pytest.raises(ModelMismatchError, match=r"text.depth: checkpoint has 1, config has 2"):
+        train(tiny_config, workdir)
+
+
+def cli(*args, **kwargs):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "jclip.train", "--config", "configs/shapes_tiny.py", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_unknown_config_key_is_one_clear_line(tmp_path):
+    process = cli("--workdir", str(tmp_path), "--config.batch_sise=8")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert 'Did you mean "batch_size"' in output and "Traceback" not in output, output
+
+
+def test_sigterm_saves_and_rerun_resumes(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    args = ["--workdir", workdir, "--config.data.builder_config=tiny",
+            f"--config.data.data_dir={tiny_config.data.data_dir}", "--config.model_name=test-micro",
+            "--config.model.vision.depth=1", "--config.model.text.depth=1", "--config.model.vision.width=32",
+            "--config.model.text.width=32", "--config.model.vision.stem=patch", "--config.model.vision.num_heads=2",
+            "--config.model.text.num_heads=2", "--config.model.embed_dim=16", "--config.batch_size=32",
+            "--config.total_steps=100000", "--config.checkpoint_every=100000", "--config.log_every=1"]
+    process = cli(*args)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and len(read_metrics(workdir)) >= 3):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "Stopped at step" in output
+    saved = int(output.split("Stopped at step ")[1].split()[0])
+    assert saved >= 3
+    process = cli(*args[:-3], f"--config.total_steps={saved + 2}", "--config.log_every=1")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    assert f"at step {saved}" in output
+    assert read_metrics(workdir)[-1]["step"] == saved + 2
