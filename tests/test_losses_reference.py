@@ -1,0 +1,187 @@
+"""clip_loss and siglip_loss on one device against float64 NumPy references; input checks."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jclip.losses import (
+    CLIP_INIT_SCALE,
+    CLIP_MAX_SCALE,
+    SIGLIP_INIT_BIAS,
+    SIGLIP_INIT_SCALE,
+    clip_loss,
+    logits,
+    scale_from_log,
+    siglip_loss,
+    top1_accuracy,
+)
+
+BATCH, DIM = 16, 8
+
+
+def clip_reference(x, y, scale, label_smoothing):
+    """Loss and gradients (x, y, scale) of CLIP's symmetric cross-entropy, float64."""
+    batch = len(x)
+    logit = scale * x @ y.T
+    target = (1 - label_smoothing) * np.eye(batch) + label_smoothing / batch
+
+    def softmax(a):
+        e = np.exp(a - a.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def cross_entropy(a):
+        lse = np.log(np.exp(a - a.max(axis=1, keepdims=True)).sum(axis=1)) + a.max(axis=1)
+        return np.sum(lse - np.sum(target * a, axis=1))
+
+    loss = (cross_entropy(logit) + cross_entropy(logit.T)) / (2 * batch)
+    dlogit = (softmax(logit) - target + (softmax(logit.T) - target).T) / (2 * batch)
+    return loss, (scale * dlogit @ y, scale * dlogit.T @ x, np.sum(dlogit * (x @ y.T)))
+
+
+def siglip_reference(x, y, scale, bias):
+    """Loss and gradients (x, y, scale, bias) of SigLIP's sigmoid loss, float64."""
+    batch = len(x)
+    logit = scale * x @ y.T + bias
+    labels = 2 * np.eye(batch) - 1
+    loss = np.sum(np.logaddexp(0, -labels * logit)) / batch
+    dlogit = -labels * 0.5 * (1 - np.tanh(labels * logit / 2)) / batch  # -z σ(-z l) / B, overflow-free
+    return loss, (scale * dlogit @ y, scale * dlogit.T @ x, np.sum(dlogit * (x @ y.T)), np.sum(dlogit))
+
+
+def embeddings(kind, seed=0):
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(2, BATCH, DIM))
+    y = y + x  # correlated pairs, so that positives stand out as in training
+    if kind == "normalised":
+        x, y = (z / np.linalg.norm(z, axis=1, keepdims=True) for z in (x, y))
+    if kind == "large":
+        x, y = 10 * x, 10 * y
+    return x, y
+
+
+SCALES = {"random": (2.0, -1.0), "normalised": (CLIP_INIT_SCALE, SIGLIP_INIT_BIAS), "large": (5.0, 3.0)}
+TILINGS = {"dense": {}, "block_size=4": {"block_size": 4}, "block_size=1": {"block_size": 1}}
+
+
+def assert_close(actual, expected, rtol=1e-4):
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * np.max(np.abs(e)))
+
+
+@pytest.fixture(scope="module")
+def clip_grad():
+    cache = {}
+
+    def get(tiling, label_smoothing):
+        key = (tiling, label_smoothing)
+        if key not in cache:
+            loss = lambda x, y, s: clip_loss(x, y, s, label_smoothing=label_smoothing, **TILINGS[tiling])
+            cache[key] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", SCALES)
+@pytest.mark.parametrize("tiling", TILINGS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_clip_loss_matches_reference(clip_grad, kind, tiling, label_smoothing):
+    x, y = embeddings(kind)
+    scale = SCALES[kind][0]
+    value, grads = clip_grad(tiling, label_smoothing)(*(np.float32(a) for a in (x, y, scale)))
+    ref_value, ref_grads = clip_reference(x, y, scale, label_smoothing)
+    assert_close(value, ref_value, rtol=1e-5)
+    assert_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("kind", SCALES)
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_siglip_loss_matches_reference(kind, tiling):
+    x, y = embeddings(kind)
+    scale, bias = SCALES[kind]
+    loss = jax.jit(jax.value_and_grad(lambda *a: siglip_loss(*a, **TILINGS[tiling]), argnums=(0, 1, 2, 3)))
+    value, grads = loss(*(np.float32(a) for a in (x, y, scale, bias)))
+    ref_value, ref_grads = siglip_reference(x, y, scale, bias)
+    assert_close(value, ref_value, rtol=1e-5)
+    assert_close(grads, ref_grads)
+
+
+def test_reference_detects_a_wrong_loss():
+    x, y = embeddings("random")
+    ref_value, ref_grads = clip_reference(x, y, 2.0, 0.0)
+    with pytest.raises(AssertionError):  # smoothing changes the value; the comparison must see it
+        assert_close(clip_loss(np.float32(x), np.float32(y), 2.0, label_smoothing=0.01), ref_value, rtol=1e-5)
+    one_way = jax.grad(lambda x: jnp.mean(jax.nn.logsumexp(2.0 * x @ y.T, axis=1) - 2.0 * jnp.sum(x * y, axis=1)))
+    with pytest.raises(AssertionError):
+        assert_close(one_way(x), ref_grads[0])
+
+
+def test_scale_and_bias_accept_one_element_arrays():
+    x, y = (np.float32(z) for z in embeddings("normalised"))
+    assert_close(clip_loss(x, y, np.full((1,), 10.0)), clip_loss(x, y, 10.0))
+    assert_close(siglip_loss(x, y, np.full((1,), 10.0), np.full((1,), -10.0)), siglip_loss(x, y, 10.0, -10.0))
+
+
+def test_bfloat16_embeddings_are_computed_in_float32():
+    x, y = (np.float32(z) for z in embeddings("normalised"))
+    value = clip_loss(jnp.bfloat16(x), jnp.bfloat16(y), CLIP_INIT_SCALE)
+    assert value.dtype == jnp.float32
+    assert_close(value, clip_reference(np.float64(jnp.bfloat16(x)), np.float64(jnp.bfloat16(y)), CLIP_INIT_SCALE, 0.0)[0])
+
+
+def test_metrics_match_numpy():
+    x, y = embeddings("random", seed=1)
+    x32, y32 = np.float32(x), np.float32(y)
+    assert_close(logits(x32, y32, 3.0, -1.0), 3.0 * x @ y.T - 1.0)
+    accuracy = top1_accuracy(x32, y32)
+    similarity = x @ y.T
+    assert_close(accuracy["img2txt"], np.mean(similarity.argmax(axis=1) == np.arange(BATCH)))
+    assert_close(accuracy["txt2img"], np.mean(similarity.argmax(axis=0) == np.arange(BATCH)))
+    assert 0 < accuracy["img2txt"] < 1  # the test data tells right from wrong
+
+
+def test_initial_values():
+    assert CLIP_INIT_SCALE == pytest.approx(1 / 0.07) and CLIP_MAX_SCALE == 100.0
+    assert (SIGLIP_INIT_SCALE, SIGLIP_INIT_BIAS) == (10.0, -10.0)
+    assert scale_from_log(jnp.log(200.0), CLIP_MAX_SCALE) == pytest.approx(100.0)
+    assert jax.grad(lambda t: scale_from_log(t, CLIP_MAX_SCALE))(jnp.log(200.0)) == 0.0
+    assert scale_from_log(np.log(CLIP_INIT_SCALE), CLIP_MAX_SCALE) == pytest.approx(CLIP_INIT_SCALE)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: clip_loss(np.ones((4, 8)), np.ones((4, 7)), 1.0), r"\(4, 8\).*\(4, 7\)"),
+        (lambda: siglip_loss(np.ones((4, 8)), np.ones((5, 8)), 1.0, 0.0), r"\(4, 8\).*\(5, 8\)"),
+        (lambda: clip_loss(np.ones(8), np.ones(8), 1.0), r"2-D.*\(8,\)"),
+        (lambda: siglip_loss(np.ones((2, 4, 8)), np.ones((2, 4, 8)), 1.0, 0.0), r"2-D.*\(2, 4, 8\)"),
+        (lambda: clip_loss(np.ones((4, 8)), np.ones((4, 8)), 1.0, ring=True), "axis_name"),
+        (lambda: siglip_loss(np.ones((4, 8)), np.ones((4, 8)), 1.0, 0.0, ring=True), "axis_name"),
+        (lambda: clip_loss(np.ones((6, 8)), np.ones((6, 8)), 1.0, block_size=4), "block_size=4.*6"),
+        (  # a ring's blocks split the local batch: 4 rows per device under a 2-way mapped axis
+            lambda: jax.vmap(lambda x, y: clip_loss(x, y, 1.0, axis_name="d", ring=True, block_size=3), axis_name="d")(
+                np.ones((2, 4, 8)), np.ones((2, 4, 8))
+            ),
+            "block_size=3.*local batch.*4",
+        ),
+        (lambda: siglip_loss(np.ones((6, 8)), np.ones((6, 8)), 1.0, 0.0, block_size=0), "block_size=0"),
+        (lambda: clip_loss(np.ones((4, 8)), np.ones((4, 8)), np.ones(2)), r"scale.*\(2,\)"),
+        (lambda: siglip_loss(np.ones((4, 8)), np.ones((4, 8)), 1.0, np.ones((2, 2))), r"bias.*\(2, 2\)"),
+    ],
+)
+def test_bad_input_raises_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_import_pulls_in_no_tensorflow_or_flax():
+    code = (
+        "import sys, jclip.losses; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'flax')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
