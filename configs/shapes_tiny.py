@@ -24,20 +24,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = model_config(config.model_name)
     config.loss = "clip"
 
-    config.batch_size = 256
-    config.total_steps = 600
+    config.batch_size = 128
+    config.total_steps = 1000
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.learning_rate = 1e-3
+    config.optimizer.learning_rate = 2e-3
     config.optimizer.end_learning_rate = 1e-5
-    config.optimizer.warmup_steps = 60
+    config.optimizer.warmup_steps = 100
     config.optimizer.weight_decay = 0.1
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.98
     config.optimizer.eps = 1e-6
     config.optimizer.grad_clip_norm = 1.0
 
-    config.log_every = 20
-    config.checkpoint_every = 200
+    config.log_every = 50
+    config.checkpoint_every = 250
     config.keep_checkpoints = 2
 
     config.evaluate = ml_collections.ConfigDict()

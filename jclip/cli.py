@@ -5,10 +5,13 @@
 ecosystem. Bad flags stop with one line saying what is wrong.
 """
 
+import os
 import sys
 from typing import Callable, Sequence
 
-from absl import app, flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported: no C++ INFO lines
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -29,7 +32,8 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def run_main(main: Callable[[list[str]], None]) -> None:
-    """Run `main` under absl with jclip's flag parsing."""
+    """Run `main` under absl with jclip's flag parsing; library INFO logs (orbax, tfds) hidden."""
+    app.call_after_init(lambda: logging.set_verbosity(logging.WARNING))
     app.run(main, flags_parser=parse_flags)
 
 

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from jclip.losses import (
+    CLIP_INIT_LOG_SCALE,
     CLIP_INIT_SCALE,
     CLIP_MAX_SCALE,
     SIGLIP_INIT_BIAS,
     SIGLIP_INIT_SCALE,
+    clamp_log_scale,
     clip_loss,
     logits,
-    scale_from_log,
     siglip_loss,
     top1_accuracy,
 )
@@ -147,9 +148,9 @@ def test_metrics_match_numpy():
 def test_initial_values():
     assert CLIP_INIT_SCALE == pytest.approx(1 / 0.07) and CLIP_MAX_SCALE == 100.0
     assert (SIGLIP_INIT_SCALE, SIGLIP_INIT_BIAS) == (10.0, -10.0)
-    assert scale_from_log(jnp.log(200.0), CLIP_MAX_SCALE) == pytest.approx(100.0)
-    assert jax.grad(lambda t: scale_from_log(t, CLIP_MAX_SCALE))(jnp.log(200.0)) == 0.0
-    assert scale_from_log(np.log(CLIP_INIT_SCALE), CLIP_MAX_SCALE) == pytest.approx(CLIP_INIT_SCALE)
+    assert jnp.exp(clamp_log_scale(jnp.log(200.0))) == pytest.approx(CLIP_MAX_SCALE)
+    assert clamp_log_scale(jnp.float32(CLIP_INIT_LOG_SCALE)) == pytest.approx(CLIP_INIT_LOG_SCALE)
+    assert clamp_log_scale(jnp.float32(-1.0)) == 0.0
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_config
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer, ModelMismatchError
 from jclip.train.loop import train
@@ -166,3 +166,17 @@ def test_sigterm_saves_and_rerun_resumes(tiny_config, tmp_path):
     assert process.returncode == 0, output
     assert f"at step {saved}" in output
     assert read_metrics(workdir)[-1]["step"] == saved + 2
+
+
+def test_train_step_clamps_scale_at_max():
+    from jclip.train.state import create_train_state
+    from jclip.train.step import make_train_step
+
+    model = models.create("test-micro")
+    mesh = parallel.make_mesh(2)
+    optimizer = build_optimizer(load_config("shapes_tiny"))
+    state = create_train_state(model, optimizer, jax.random.key(0), (32, 32, 3), 16, mesh)
+    state = state.replace(params={**state.params, "logit_scale": jnp.log(jnp.float32(150.0))})
+    state, metrics = make_train_step(model, optimizer, mesh)(state, parallel.global_batch(random_batch(8), mesh))
+    assert float(metrics["scale"]) == pytest.approx(150.0)
+    assert float(jnp.exp(state.params["logit_scale"])) == pytest.approx(100.0)

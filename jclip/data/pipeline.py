@@ -22,6 +22,14 @@ from jclip.data.tokenizer import Tokenizer
 tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX.
 
 
+def _input_options() -> tf.data.Options:
+    """Deterministic order, and a small private thread pool so input work does not starve XLA."""
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = 2
+    return options
+
+
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     """PNG/JPEG bytes -> float32 [H, W, 3] in [-1, 1]."""
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
@@ -64,6 +72,7 @@ def train_batches(
              num_parallel_calls=tf.data.AUTOTUNE)
         .batch(local_batch, drop_remainder=True)
         .prefetch(2)
+        .with_options(_input_options())
     )
     for batch in stream.as_numpy_iterator():
         captions = [c.decode("utf-8") for c in batch["caption"]]

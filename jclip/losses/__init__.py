@@ -14,7 +14,7 @@ from jclip.losses.temperature import (
     SIGLIP_INIT_BIAS,
     SIGLIP_INIT_LOG_SCALE,
     SIGLIP_INIT_SCALE,
-    scale_from_log,
+    clamp_log_scale,
 )
 
 __all__ = [
@@ -24,9 +24,9 @@ __all__ = [
     "SIGLIP_INIT_BIAS",
     "SIGLIP_INIT_LOG_SCALE",
     "SIGLIP_INIT_SCALE",
+    "clamp_log_scale",
     "clip_loss",
     "logits",
-    "scale_from_log",
     "siglip_loss",
     "top1_accuracy",
 ]

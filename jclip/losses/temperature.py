@@ -19,11 +19,10 @@ SIGLIP_INIT_LOG_SCALE = math.log(SIGLIP_INIT_SCALE)
 SIGLIP_INIT_BIAS = -10.0
 
 
-def scale_from_log(log_scale, max_scale=None):
-    """exp(log_scale), clipped at `max_scale` (CLIP: `CLIP_MAX_SCALE`).
+def clamp_log_scale(log_scale, max_scale=CLIP_MAX_SCALE):
+    """The learnable t = log(scale) clipped to [0, log(max_scale)]; apply after every update.
 
-    Past the clip the gradient to `log_scale` is zero, so the parameter stays where it crossed,
-    which is what clamping the parameter after each step achieves.
+    This is CLIP's clamp of the parameter itself. Clipping exp(t) in the forward pass instead
+    would zero the gradient once t passed the bound, so t could never come back down.
     """
-    scale = jnp.exp(log_scale)
-    return scale if max_scale is None else jnp.minimum(scale, max_scale)
+    return jnp.clip(log_scale, 0.0, math.log(max_scale))

@@ -21,8 +21,8 @@ class CLIP(nn.Module):
 
     `apply(variables, images, tokens)` returns `{"zimg", "ztxt", "scale"}` and,
     for sigmoid recipes (`init_bias` set), `"bias"`. `scale = exp(logit_scale)`
-    is the inverse temperature; the trainer keeps it at most `max_scale` with
-    `clamp_scale` after every update (Radford et al. 2021 clamp it at 100).
+    is the inverse temperature; the trainer clamps it to at most `max_scale` after
+    every update (Radford et al. 2021 clamp it at 100; None: no clamp).
     """
 
     vision: dict[str, Any]
@@ -60,10 +60,3 @@ class CLIP(nn.Module):
         if self.init_bias is not None:
             out["bias"] = self.logit_bias
         return out
-
-    def clamp_scale(self, params: dict) -> dict:
-        """Params with `logit_scale` clipped to [0, log(max_scale)] (OpenAI's in-place clamp)."""
-        if self.max_scale is None:
-            return params
-        clamped = jnp.clip(params["logit_scale"], 0.0, math.log(self.max_scale))
-        return {**params, "logit_scale": clamped}

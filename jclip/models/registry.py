@@ -18,7 +18,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "shapes-tiny": dict(
         embed_dim=128,
         vision=dict(patch_size=16, width=128, depth=4, num_heads=4, stem="conv", pool="cls"),
-        text=dict(vocab_size=1000, context_length=16, width=128, depth=3, num_heads=4),
+        text=dict(vocab_size=1000, context_length=16, width=128, depth=2, num_heads=4),
     ),
     # The smallest model that still exercises every code path; used by tests.
     "test-micro": dict(

@@ -66,7 +66,9 @@ def make_train_step(
     def per_device(state: TrainState, batch: Batch):
         (value, out), grads = gradients(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = model.clamp_scale(optax.apply_updates(state.params, updates))
+        params = optax.apply_updates(state.params, updates)
+        if model.max_scale is not None:
+            params = {**params, "logit_scale": losses.clamp_log_scale(params["logit_scale"], model.max_scale)}
         metrics = {
             "loss": value,
             "scale": out["scale"],
