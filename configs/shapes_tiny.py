@@ -43,4 +43,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.evaluate = ml_collections.ConfigDict()
     config.evaluate.split = "test"
     config.evaluate.batch_size = 512
+    config.evaluate.every_steps = 0  # 0: evaluate only at the end of training
     return config

@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, load_config
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer, ModelMismatchError
+from jclip.evaluate.from_checkpoint import evaluate_checkpoint
 from jclip.train.loop import train
 from jclip.train.optimizer import build_optimizer, weight_decay_mask
 from jclip.train.state import abstract_train_state
@@ -63,20 +64,25 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_short_run_lowers_loss_and_writes_results(tiny_config, tmp_path):
+def test_short_run_lowers_loss_and_evaluates(tiny_config, tmp_path):
     tiny_config.total_steps = 40
     tiny_config.optimizer.learning_rate = 3e-3
     tiny_config.log_every = 5
+    tiny_config.evaluate.every_steps = 20
     workdir = str(tmp_path / "run")
     train(tiny_config, workdir)
-    losses = [m["loss"] for m in read_metrics(workdir)]
+    lines = read_metrics(workdir)
+    losses = [m["loss"] for m in lines if "loss" in m]
     assert len(losses) == 8
     assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
+    assert [m["step"] for m in lines if "eval/zero_shot/shape/all" in m] == [20]
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     assert results["step"] == 40
     assert set(results["zero_shot"]) == {"shape", "colour"}
     assert 0.0 <= results["retrieval"]["image_to_text"]["R@1"] <= results["retrieval"]["image_to_text"]["R@5"] <= 1.0
+    os.remove(os.path.join(workdir, "results.json"))
+    assert evaluate_checkpoint(tiny_config, workdir) == results  # what `python -m jclip.evaluate` does
 
 
 def restore_params(config, workdir):
@@ -109,8 +115,8 @@ def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
     resumed = train(tiny_config, workdir, evaluate_at_end=False)
     assert int(resumed.step) == tiny_config.total_steps
     assert_trees_equal(resumed.params, uninterrupted.params)
-    steps = [m["step"] for m in read_metrics(workdir)]
-    assert steps == sorted(steps) and steps[-1] == tiny_config.total_steps
+    steps = [m["step"] for m in read_metrics(workdir)]  # no step logged twice
+    assert steps == sorted(set(steps)) and steps[-1] == tiny_config.total_steps
 
 
 def test_bad_batch_size_is_a_clear_error(tiny_config, tmp_path):

@@ -22,11 +22,17 @@ from jclip.data.tokenizer import Tokenizer
 tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX.
 
 
+# Images decoded in parallel. A fixed number rather than AUTOTUNE: tf.data's autotuning runs a
+# background model thread that, at the end of a run, could block the iterator's destructor forever
+# (seen at exit after training); and two cores decode far faster than the model consumes.
+DECODE_PARALLELISM = 2
+
+
 def _input_options() -> tf.data.Options:
-    """Deterministic order, and a small private thread pool so input work does not starve XLA."""
+    """Deterministic order and no autotuning thread (see DECODE_PARALLELISM)."""
     options = tf.data.Options()
     options.deterministic = True
-    options.threading.private_threadpool_size = 2
+    options.autotune.enabled = False
     return options
 
 
@@ -69,7 +75,7 @@ def train_batches(
         .flat_map(epoch)
         .skip(offset)
         .map(lambda ex: {"image": decode_image(ex["image"]), "caption": ex["caption"]},
-             num_parallel_calls=tf.data.AUTOTUNE)
+             num_parallel_calls=DECODE_PARALLELISM)
         .batch(local_batch, drop_remainder=True)
         .prefetch(2)
         .with_options(_input_options())
@@ -83,10 +89,10 @@ def train_batches(
 def load_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:
     """A whole (evaluation) split as NumPy arrays: decoded images, captions as str, labels."""
     dataset = _examples(builder, split).map(
-        lambda ex: {**ex, "image": decode_image(ex["image"])}, num_parallel_calls=tf.data.AUTOTUNE
+        lambda ex: {**ex, "image": decode_image(ex["image"])}, num_parallel_calls=DECODE_PARALLELISM
     )
     columns: dict[str, list] = {}
-    for example in dataset.batch(1024).as_numpy_iterator():
+    for example in dataset.batch(1024).with_options(_input_options()).as_numpy_iterator():
         for key, value in example.items():
             columns.setdefault(key, []).append(value)
     arrays = {key: np.concatenate(value) for key, value in columns.items()}

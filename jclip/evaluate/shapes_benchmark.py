@@ -64,6 +64,17 @@ def evaluate_shapes(model, params, builder, tokenizer: Tokenizer, config: Config
     }
 
 
+def flatten(results: dict, prefix: str) -> dict[str, float]:
+    """The numeric leaves of `results` as {"prefix/zero_shot/shape/all": value, ...}."""
+    flat = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}/{key}"))
+        elif isinstance(value, float):
+            flat[f"{prefix}/{key}"] = value
+    return flat
+
+
 def format_table(results: dict) -> str:
     """The results as a Markdown table of percentages."""
     rows = ["| metric | all | seen combinations | held-out combinations |", "|---|---:|---:|---:|"]

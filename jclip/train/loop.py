@@ -16,7 +16,7 @@ from jclip.checkpoint import Checkpointer
 from jclip.data import pipeline
 from jclip.data.sources import load_source
 from jclip.data.tokenizer import Tokenizer
-from jclip.evaluate.shapes_benchmark import evaluate_and_report
+from jclip.evaluate.shapes_benchmark import evaluate_and_report, evaluate_shapes, flatten
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule
 from jclip.train.state import TrainState, abstract_train_state, create_train_state
 from jclip.train.step import make_train_step
@@ -96,6 +96,13 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
         return {"data_position": step * config.batch_size, "seed": config.seed}
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+    def log(step, values):
+        if jax.process_index() == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+    run_start = time.perf_counter()
     with StopRequested() as stop, tqdm(
         total=config.total_steps, initial=start_step, desc="train", unit="step",
         disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0,
@@ -114,14 +121,16 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
                         f"loss is {metrics['loss']} at step {step}; last good checkpoint: "
                         f"step {checkpointer.latest_step()} in {checkpointer.directory}"
                     )
-                elapsed = time.perf_counter() - window_start
-                metrics["samples_per_second"] = window_steps * config.batch_size / elapsed
+                now = time.perf_counter()
+                metrics["samples_per_second"] = window_steps * config.batch_size / (now - window_start)
                 metrics["learning_rate"] = float(schedule(step - 1))
-                window_start, window_steps = time.perf_counter(), 0
-                if jax.process_index() == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": step, **metrics}) + "\n")
+                metrics["seconds"] = now - run_start
+                window_start, window_steps = now, 0
+                log(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{metrics['samples_per_second']:.0f}")
+            if config.evaluate.every_steps and step % config.evaluate.every_steps == 0 and step < config.total_steps:
+                results = evaluate_shapes(model, state.params, builder, tokenizer, config, mesh)
+                log(step, {"seconds": time.perf_counter() - run_start, **flatten(results, "eval")})
             bar.update(1)
     if checkpointer.latest_step() != step:
         checkpointer.save(step, state, record_for(step), force=True)
