@@ -93,16 +93,21 @@ def main():
     parser.add_argument("--block-size", type=int, default=512, help="columns per block of the blocked variants")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
     parser.add_argument("--max-timed-batch", type=int, default=4096, help="larger batches get memory only")
+    parser.add_argument("--variants", default=None,
+                        help="only these variants, comma-separated; ratios are against the first one measured")
     args = parser.parse_args()
+    wanted = None if args.variants is None else set(args.variants.split(","))
 
     print(f"dim {args.dim}, block size {args.block_size}, {jax.device_count()} {jax.devices()[0].platform} devices\n")
-    print("| loss | devices | global batch | variant | temp MiB / device | vs gathered | fwd+bwd s | vs gathered |")
+    print("| loss | devices | global batch | variant | temp MiB / device | vs first | fwd+bwd s | vs first |")
     print("|---|---|---|---|---|---|---|---|")
     for loss_name in args.loss.split(","):
         for devices in map(int, args.devices.split(",")):
             for batch in map(int, args.batches.split(",")):
                 baseline = None
                 for name, kwargs in variants(devices, batch, args.block_size):
+                    if wanted is not None and name not in wanted:
+                        continue
                     temp, seconds = measure(
                         LOSSES[loss_name], devices, batch, args.dim, kwargs, args.repeats, batch <= args.max_timed_batch
                     )
