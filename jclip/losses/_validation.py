@@ -2,6 +2,18 @@
 
 import jax.numpy as jnp
 
+from jclip.losses._device_axis import device_count
+
+
+def prepare_embeddings(zimg, ztxt, *, axis_name, ring, block_size):
+    """Checked embeddings in (at least) float32, with the local and global batch sizes."""
+    check_embeddings(zimg, ztxt)
+    local_batch = zimg.shape[0]
+    batch = local_batch * device_count(axis_name)
+    check_tiling(local_batch, batch, axis_name=axis_name, ring=ring, block_size=block_size)
+    dtype = jnp.promote_types(zimg.dtype, jnp.float32)
+    return zimg.astype(dtype), ztxt.astype(dtype), local_batch, batch
+
 
 def check_embeddings(zimg, ztxt):
     """Both embeddings must be 2-D `[batch, dim]` arrays of the same shape."""

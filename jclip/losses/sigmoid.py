@@ -3,8 +3,8 @@
 import jax
 import jax.numpy as jnp
 
-from jclip.losses._device_axis import device_count, global_sum
-from jclip.losses._validation import as_scalar, check_embeddings, check_tiling
+from jclip.losses._device_axis import global_sum
+from jclip.losses._validation import as_scalar, prepare_embeddings
 from jclip.losses.blocks import BlockReduction, reduce_over_keys
 
 
@@ -81,13 +81,9 @@ def siglip_loss(zimg, ztxt, scale, bias, *, axis_name=None, ring=False, block_si
       The same holds for gradients of `scale` and `bias`. Gradients with respect to the local
       embeddings are the global loss's under shard_map and N times those under pmap.
     """
-    check_embeddings(zimg, ztxt)
+    zimg, ztxt, _, batch = prepare_embeddings(zimg, ztxt, axis_name=axis_name, ring=ring, block_size=block_size)
     scale, bias = as_scalar(scale, "scale"), as_scalar(bias, "bias")
-    local_batch = zimg.shape[0]
-    batch = local_batch * device_count(axis_name)
-    check_tiling(local_batch, batch, axis_name=axis_name, ring=ring, block_size=block_size)
-    dtype = jnp.promote_types(zimg.dtype, jnp.float32)
-    zimg, ztxt = zimg.astype(dtype), ztxt.astype(dtype)
+    dtype = zimg.dtype
     queries = scale.astype(dtype) * zimg
     # One copy of the bias per local row, typed like the queries (device-varying under shard_map),
     # so that the tiled custom VJP returns its gradient per device and autodiff sums it.

@@ -3,8 +3,8 @@
 import jax.numpy as jnp
 from jax import lax
 
-from jclip.losses._device_axis import device_count, global_sum
-from jclip.losses._validation import as_scalar, check_embeddings, check_tiling
+from jclip.losses._device_axis import global_sum
+from jclip.losses._validation import as_scalar, prepare_embeddings
 from jclip.losses.blocks import BlockReduction, reduce_over_keys
 
 
@@ -97,13 +97,8 @@ def clip_loss(zimg, ztxt, scale, *, axis_name=None, ring=False, block_size=None,
       The same holds for gradients of `scale`. Gradients with respect to the local embeddings
       are the global loss's under shard_map and N times those under pmap.
     """
-    check_embeddings(zimg, ztxt)
-    scale = as_scalar(scale, "scale")
-    local_batch = zimg.shape[0]
-    batch = local_batch * device_count(axis_name)
-    check_tiling(local_batch, batch, axis_name=axis_name, ring=ring, block_size=block_size)
-    dtype = jnp.promote_types(zimg.dtype, jnp.float32)
-    zimg, ztxt, scale = zimg.astype(dtype), ztxt.astype(dtype), scale.astype(dtype)
+    zimg, ztxt, _, batch = prepare_embeddings(zimg, ztxt, axis_name=axis_name, ring=ring, block_size=block_size)
+    scale = as_scalar(scale, "scale").astype(zimg.dtype)
 
     def cross_entropy(rows, columns):
         queries = scale * rows
