@@ -14,9 +14,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "shapes"
-    config.data.builder_config = "default"
-    config.data.data_dir = placeholder(str)  # default: $JCLIP_DATA_DIR or ~/.cache/jclip/datasets
+    config.data.data_dir = placeholder(str)  # tfds data dir; default: $JCLIP_DATA_DIR or ~/.cache/jclip/datasets
+    config.data.sources = ml_collections.ConfigDict()
+    config.data.sources.shapes = dict(kind="shapes", config="default", weight=1.0)
+    config.data.tokenizer = "shapes/default"  # the BPE trained on the shapes captions
+    config.data.image_size = 64
+    config.data.preprocess = "decode|value_range(-1, 1)"  # no flips: captions say "left of"
     config.data.text_length = 16
     config.data.shuffle_buffer = 50_000
 
@@ -41,7 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
 
     config.evaluate = ml_collections.ConfigDict()
+    config.evaluate.dataset = "default"  # the shapes config of the evaluation suite
     config.evaluate.split = "test"
+    config.evaluate.preprocess = "decode|value_range(-1, 1)"
     config.evaluate.batch_size = 512
     config.evaluate.every_steps = 0  # 0: evaluate only at the end of training
     return config

@@ -8,7 +8,7 @@ never leaves a half-written checkpoint where a resume would find it.
 """
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import orbax.checkpoint as ocp
 
@@ -48,9 +48,14 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, record: dict, *, force: bool = False) -> bool:
-        """Start saving `state` at `step` if due (or `force`); returns whether it saves."""
-        record = {**record, "model": self.model, "step": step}
+    def save(self, step: int, state: Any, record: Callable[[], dict], *, force: bool = False) -> bool:
+        """Start saving `state` and `record()` at `step` if due (or `force`); returns whether it saves.
+
+        `record` is called only when a save happens (it may need a collective across processes).
+        """
+        if not (force or self.manager.should_save(step)):
+            return False
+        record = {**record(), "model": self.model, "step": step}
         return self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),

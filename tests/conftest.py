@@ -40,7 +40,8 @@ def tiny_config(shapes_data_dir):
     from jclip.models import model_config
 
     config = load_config("shapes_tiny")
-    config.data.builder_config = "tiny"
+    config.data.sources.shapes.config = "tiny"
+    config.data.tokenizer = "shapes/tiny"
     config.data.data_dir = shapes_data_dir
     config.data.shuffle_buffer = 512
     config.model_name = "test-micro"
@@ -50,5 +51,6 @@ def tiny_config(shapes_data_dir):
     config.optimizer.warmup_steps = 2
     config.log_every = 2
     config.checkpoint_every = 4
+    config.evaluate.dataset = "tiny"
     config.evaluate.batch_size = 64
     return config

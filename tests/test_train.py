@@ -102,7 +102,7 @@ def test_checkpoint_restores_identical_state(tiny_config, tmp_path):
     final = train(tiny_config, workdir, evaluate_at_end=False)
     restored, record = restore_params(tiny_config, workdir)
     assert int(restored.step) == tiny_config.total_steps
-    assert record["data_position"] == tiny_config.total_steps * tiny_config.batch_size
+    assert record["data_position"] == [tiny_config.total_steps * tiny_config.batch_size]
     assert_trees_equal(restored.params, final.params)
     assert_trees_equal(restored.opt_state, final.opt_state)
 
@@ -149,7 +149,8 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
 
 def test_sigterm_saves_and_rerun_resumes(tiny_config, tmp_path):
     workdir = str(tmp_path / "run")
-    args = ["--workdir", workdir, "--config.data.builder_config=tiny",
+    args = ["--workdir", workdir, "--config.data.sources.shapes.config=tiny", "--config.data.tokenizer=shapes/tiny",
+            "--config.evaluate.dataset=tiny",
             f"--config.data.data_dir={tiny_config.data.data_dir}", "--config.model_name=test-micro",
             "--config.model.vision.depth=1", "--config.model.text.depth=1", "--config.model.vision.width=32",
             "--config.model.text.width=32", "--config.model.vision.stem=patch", "--config.model.vision.num_heads=2",

@@ -1,14 +1,19 @@
-"""tf.data input: a deterministic, resumable stream of global batches.
+"""tf.data input: a deterministic, exactly resumable stream of global batches.
 
-The stream is a pure function of (seed, position): epoch e is the split
-shuffled with seed (seed, e), and a run resumed at step s starts reading at
-example s * local_batch of that sequence. So a resumed run sees exactly the
-batches an uninterrupted run would have seen. Each process reads its own
-slice of the split (`tfds.split_for_jax_process`) and contributes
-global_batch / process_count examples to every global batch.
+The stream is a pure function of (seed, position), where the position counts
+the raw examples this process has drawn, skipped ones included:
+
+- source s is read epoch after epoch, epoch e shuffled with seed (seed, s, e);
+- with several sources, draw i comes from the source picked by a stateless
+  uniform number of (seed, i // 1024) against the cumulative weights;
+- draw i samples its caption and random crops from the stateless seed (seed, i).
+
+So a run resumed at position p (saved in every checkpoint) sees exactly the
+batches an uninterrupted run would have seen. An example whose image cannot be
+read or decoded, or that has no caption, is skipped and counted, never a crash.
 """
 
-from typing import Iterator
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -17,15 +22,16 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from jclip import parallel
-from jclip.data.tokenizer import Tokenizer
+from jclip.data import preprocess
+from jclip.data.sources import Source
 
 tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX.
 
-
-# Images decoded in parallel. A fixed number rather than AUTOTUNE: tf.data's autotuning runs a
+# Examples decoded in parallel. A fixed number rather than AUTOTUNE: tf.data's autotuning runs a
 # background model thread that, at the end of a run, could block the iterator's destructor forever
-# (seen at exit after training); and two cores decode far faster than the model consumes.
+# (seen at exit after training).
 DECODE_PARALLELISM = 2
+CHOICE_BLOCK = 1024  # mixture draws share one stateless random call per block of this many
 
 
 def _input_options() -> tf.data.Options:
@@ -36,61 +42,118 @@ def _input_options() -> tf.data.Options:
     return options
 
 
-def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-    """PNG/JPEG bytes -> float32 [H, W, 3] in [-1, 1]."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    return tf.cast(image, tf.float32) / 127.5 - 1.0
-
-
-def _examples(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
-    """The split in its stored order, images still encoded (decoding comes after skipping)."""
-    return builder.as_dataset(
-        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False),
-    )
-
-
-def train_batches(
-    builder: tfds.core.DatasetBuilder, tokenizer: Tokenizer, mesh: Mesh, *,
-    batch_size: int, text_length: int, seed: int, shuffle_buffer: int, start_step: int = 0,
-    split: str = "train",
-) -> Iterator[dict[str, jax.Array]]:
-    """Endless global batches `{"image", "tokens"}` of `batch_size`, starting at `start_step`."""
-    parallel.check_batch_size(batch_size, mesh)
-    local_batch = batch_size // jax.process_count()
-    process_split = tfds.split_for_jax_process(split)
-    num_examples = builder.info.splits[process_split].num_examples
-    if num_examples == 0:
-        raise ValueError(f"split {process_split!r} of {builder.name} is empty for process {jax.process_index()}")
-    position = start_step * local_batch
-    first_epoch, offset = divmod(position, num_examples)
-    examples = _examples(builder, process_split)
+def _source_stream(source: Source, source_index: int, seed: int, shuffle_buffer: int, start: int) -> tf.data.Dataset:
+    """Source examples from its `start`-th draw on, epoch after epoch, each epoch shuffled anew."""
+    first_epoch, offset = divmod(start, source.num_examples)
+    buffer = min(shuffle_buffer, source.num_examples)
 
     def epoch(index):
-        return examples.shuffle(min(shuffle_buffer, num_examples), seed=seed * 1_000_003 + index,
-                                reshuffle_each_iteration=False)
+        return source.examples.shuffle(buffer, seed=(seed * 1_000_003 + source_index) * 1_000_003 + index,
+                                       reshuffle_each_iteration=False)
 
-    stream = (
-        tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
-        .flat_map(epoch)
-        .skip(offset)
-        .map(lambda ex: {"image": decode_image(ex["image"]), "caption": ex["caption"]},
-             num_parallel_calls=DECODE_PARALLELISM)
-        .batch(local_batch, drop_remainder=True)
-        .prefetch(2)
-        .with_options(_input_options())
+    return tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(offset)
+
+
+def _choices(block, seed: int, cumulative_weights) -> tf.Tensor:
+    """The source index of each of the CHOICE_BLOCK draws of `block`."""
+    uniform = tf.random.stateless_uniform([CHOICE_BLOCK], seed=tf.stack([tf.cast(seed, tf.int64), block]))
+    return tf.searchsorted(cumulative_weights, uniform, side="right", out_type=tf.int64)
+
+
+def _draws_per_source(position: int, seed: int, cumulative_weights, num_sources: int) -> list[int]:
+    """How many of the first `position` draws went to each source."""
+    counts = np.zeros(num_sources, np.int64)
+    for block in range(-(-position // CHOICE_BLOCK)):
+        choices = _choices(tf.constant(block, tf.int64), seed, cumulative_weights).numpy()
+        counts += np.bincount(choices[: position - block * CHOICE_BLOCK], minlength=num_sources)
+    return counts.tolist()
+
+
+def mixed_stream(sources: Sequence[tuple[Source, float]], seed: int, shuffle_buffer: int,
+                 start: int) -> tf.data.Dataset:
+    """Raw examples of the weighted mixture of `sources` from draw `start` on."""
+    if len(sources) == 1:
+        return _source_stream(sources[0][0], 0, seed, shuffle_buffer, start)
+    weights = np.array([w for _, w in sources], np.float64)
+    if (weights <= 0).any():
+        raise ValueError(f"source weights must be positive; got {weights.tolist()}")
+    cumulative = tf.constant(np.cumsum(weights / weights.sum())[:-1], tf.float32)
+    starts = _draws_per_source(start, seed, cumulative, len(sources))
+    streams = [_source_stream(s, i, seed, shuffle_buffer, starts[i]) for i, (s, _) in enumerate(sources)]
+    choices = (
+        tf.data.Dataset.range(start // CHOICE_BLOCK, np.iinfo(np.int64).max)
+        .flat_map(lambda block: tf.data.Dataset.from_tensor_slices(_choices(block, seed, cumulative)))
+        .skip(start % CHOICE_BLOCK)
     )
-    for batch in stream.as_numpy_iterator():
+    return tf.data.Dataset.choose_from_datasets(streams, choices)
+
+
+def _has_caption(index, example):
+    return tf.reduce_any(tf.strings.length(tf.strings.strip(example["captions"])) > 0)
+
+
+def _encoded_image(example) -> tf.Tensor:
+    path = example["image_path"]
+    return tf.cond(tf.strings.length(path) > 0, lambda: tf.io.read_file(path), lambda: example["image"])
+
+
+def _prepare(image_op, seed: int):
+    """(index, raw example) -> {"image", "caption", "index"}: image read and preprocessed, one caption sampled."""
+    def prepare(index, example):
+        example_seed = tf.stack([tf.cast(seed, tf.int64), index])
+        captions = tf.boolean_mask(example["captions"], tf.strings.length(tf.strings.strip(example["captions"])) > 0)
+        pick = tf.random.stateless_uniform([], example_seed, maxval=tf.size(captions), dtype=tf.int32)
+        return {"image": image_op(_encoded_image(example), example_seed), "caption": captions[pick], "index": index}
+    return prepare
+
+
+class TrainInput:
+    """Endless global batches `{"image", "tokens"}` of this process's share of the global batch.
+
+    `position` is the number of raw examples this process has drawn (save it in
+    checkpoints and pass it back as `start_position` to resume); `skipped`
+    counts the examples dropped since `start_position` for an undecodable image
+    or a missing caption.
+    """
+
+    def __init__(self, sources: Sequence[tuple[Source, float]], tokenizer, mesh: Mesh, *, batch_size: int,
+                 text_length: int, seed: int, shuffle_buffer: int, image_preprocess: str, start_position: int = 0):
+        parallel.check_batch_size(batch_size, mesh)
+        self.tokenizer, self.mesh, self.text_length = tokenizer, mesh, text_length
+        self.position, self.skipped = start_position, 0
+        dataset = (
+            mixed_stream(sources, seed, shuffle_buffer, start_position)
+            .enumerate(start_position)
+            .filter(_has_caption)
+            .map(_prepare(preprocess.parse(image_preprocess), seed), num_parallel_calls=DECODE_PARALLELISM)
+            .ignore_errors()
+            .batch(batch_size // jax.process_count(), drop_remainder=True)
+            .prefetch(2)
+            .with_options(_input_options())
+        )
+        self._batches = dataset.as_numpy_iterator()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        batch = next(self._batches)
+        last = int(batch["index"][-1])
+        self.skipped += last + 1 - self.position - len(batch["index"])
+        self.position = last + 1
         captions = [c.decode("utf-8") for c in batch["caption"]]
-        local = {"image": batch["image"], "tokens": tokenizer(captions, text_length)}
-        yield parallel.global_batch(local, mesh)
+        local = {"image": batch["image"], "tokens": self.tokenizer(captions, self.text_length)}
+        return parallel.global_batch(local, self.mesh)
 
 
-def load_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:
-    """A whole (evaluation) split as NumPy arrays: decoded images, captions as str, labels."""
-    dataset = _examples(builder, split).map(
-        lambda ex: {**ex, "image": decode_image(ex["image"])}, num_parallel_calls=DECODE_PARALLELISM
-    )
+def load_split(builder: tfds.core.DatasetBuilder, split: str, image_preprocess: str) -> dict[str, np.ndarray]:
+    """A whole evaluation split as NumPy arrays: preprocessed images, captions as str, the other features."""
+    image_op = preprocess.parse(image_preprocess)
+    dataset = builder.as_dataset(
+        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False),
+    ).map(lambda ex: {**ex, "image": image_op(ex["image"], tf.constant([0, 0], tf.int64))},
+          num_parallel_calls=DECODE_PARALLELISM)
     columns: dict[str, list] = {}
     for example in dataset.batch(1024).with_options(_input_options()).as_numpy_iterator():
         for key, value in example.items():

@@ -1,15 +1,209 @@
-"""Resolving `config.data` to a dataset builder and its tokenizer."""
+"""Image–text sources: where training examples come from, one process's slice at a time.
 
+A source is a finite dataset in a fixed order of `{"image": encoded bytes,
+"image_path": str, "captions": [n] strings}` (an image is given by its bytes
+or, when `image_path` is not empty, read from that file); the pipeline
+shuffles it per epoch, reads, samples one caption per visit and decodes. Sources are named and weighted in
+`config.data.sources`:
+
+    shapes: {kind: "shapes", config: "default"}                  # built-in, offline
+    tfds:   {kind: "tfds", name: "coco_captions", split: "train",
+             image_key: "image", caption_key: "captions/text"}
+            {kind: "tfds", name: "imagenet2012", split: "train", label_key: "label",
+             templates: "simple"}                                # class names -> captions
+    csv:    {kind: "csv", path: "pairs.tsv", image_column: "filepath", caption_column: "title"}
+    tar:    {kind: "tar", pattern: "/data/shards/*.tar"}        # WebDataset / img2dataset shards
+
+Each process reads its own slice: `tfds.split_for_jax_process` for tfds, a
+contiguous range of rows for CSV, every process_count-th shard for tar.
+"""
+
+import csv
+import dataclasses
+import glob
+import json
+import os
+import tarfile
+from typing import Any, Iterator, Mapping, Optional
+
+import jax
+import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
-from ml_collections import ConfigDict
 
 from jclip.data import shapes
-from jclip.data.tokenizer import Tokenizer
+
+# Prompt templates for turning class labels into captions (Radford et al. 2021).
+TEMPLATES = {
+    "simple": ("a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
+               "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}."),
+    "name": ("{}",),
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+_SIGNATURE = {"image": tf.TensorSpec([], tf.string), "image_path": tf.TensorSpec([], tf.string),
+              "captions": tf.TensorSpec([None], tf.string)}
 
 
-def load_source(data: ConfigDict) -> tuple[tfds.core.DatasetBuilder, Tokenizer]:
-    """The prepared dataset builder of `config.data` (built on first use) and its tokenizer."""
-    if data.name != "shapes":
-        raise ValueError(f"unknown dataset {data.name!r}; the built-in dataset is 'shapes'")
-    builder = shapes.prepare(data.builder_config, data.data_dir)
-    return builder, Tokenizer.load(shapes.tokenizer_path(builder))
+@dataclasses.dataclass
+class Source:
+    """This process's slice of one image–text dataset, in a fixed order."""
+
+    name: str
+    examples: tf.data.Dataset  # {"image": encoded bytes, "image_path": str, "captions": [n] strings}
+    num_examples: int
+
+
+def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
+    return (jax.process_index() if process_index is None else process_index,
+            jax.process_count() if process_count is None else process_count)
+
+
+def _field(example: Mapping[str, Any], key: str):
+    """`example["a"]["b"]` for key "a/b" (nested tfds features such as coco's captions/text)."""
+    for part in key.split("/"):
+        example = example[part]
+    return example
+
+
+def tfds_source(name: str, *, split: str = "train", data_dir: Optional[str] = None, image_key: str = "image",
+                caption_key: Optional[str] = "caption", label_key: Optional[str] = None,
+                templates: str = "simple", process_index=None, process_count=None) -> Source:
+    """A prepared tfds dataset; captions from `caption_key`, or class names of `label_key` in templates."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ValueError(f"tfds has no dataset {name!r}: {error}") from None
+    return _tfds_slice(builder, split, image_key, caption_key, label_key, templates, process_index, process_count)
+
+
+def _tfds_slice(builder, split, image_key, caption_key, label_key, templates, process_index, process_count):
+    process_index, process_count = _process(process_index, process_count)
+    process_split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+    decoders = {image_key: tfds.decode.SkipDecoding()}
+    try:
+        examples = builder.as_dataset(split=process_split, shuffle_files=False, decoders=decoders,
+                                      read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False))
+    except AssertionError:  # tfds's way of saying the data is not there
+        raise ValueError(
+            f"tfds dataset {builder.name!r} is not prepared in {builder.data_dir}; build it first "
+            f"(`tfds build {builder.name} --data_dir=...`, with manual downloads where tfds asks) "
+            f"or set data_dir to where it is"
+        ) from None
+    if label_key is not None:
+        names = builder.info.features[label_key].names
+        prompts = tf.constant([[t.format(n.replace("_", " ")) for t in TEMPLATES[templates]] for n in names])
+        captions = lambda ex: tf.gather(prompts, _field(ex, label_key))
+    else:
+        captions = lambda ex: tf.reshape(_field(ex, caption_key), [-1])
+    examples = examples.map(lambda ex: {"image": _field(ex, image_key), "image_path": "", "captions": captions(ex)})
+    count = int(examples.cardinality())
+    if count < 0:
+        count = builder.info.splits[process_split].num_examples
+    return Source(f"{builder.name}/{split}", examples, count)
+
+
+def shapes_source(config: str = "default", *, split: str = "train", data_dir: Optional[str] = None,
+                  process_index=None, process_count=None) -> Source:
+    """The built-in `shapes` dataset, built on first use."""
+    builder = shapes.prepare(config, data_dir)
+    return _tfds_slice(builder, split, "image", "caption", None, None, process_index, process_count)
+
+
+def csv_source(path: str, *, image_column: str = "filepath", caption_column: str = "caption",
+               image_root: Optional[str] = None, process_index=None, process_count=None) -> Source:
+    """A CSV (or TSV, by extension) of image paths and captions; relative paths are under `image_root`."""
+    if not os.path.exists(path):
+        raise ValueError(f"no CSV file at {path!r}")
+    delimiter = "\t" if path.endswith((".tsv", ".tab")) else ","
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        missing = {image_column, caption_column} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} has no column(s) {sorted(missing)}; its columns are {reader.fieldnames}")
+        rows = [(row[image_column] or "", row[caption_column] or "") for row in reader]
+    process_index, process_count = _process(process_index, process_count)
+    begin, end = (len(rows) * process_index) // process_count, (len(rows) * (process_index + 1)) // process_count
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    paths = [p if os.path.isabs(p) else os.path.join(root, p) for p, _ in rows[begin:end]]
+    captions = [c for _, c in rows[begin:end]]
+    examples = tf.data.Dataset.from_tensor_slices((paths, captions)).map(
+        lambda p, c: {"image": "", "image_path": p, "captions": tf.reshape(c, [1])}
+    )
+    return Source(os.path.basename(path), examples, end - begin)
+
+
+def _sample(files: dict[str, bytes]) -> dict:
+    image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), b"")
+    caption = files.get(".txt", b"").decode("utf-8", "replace")
+    if not caption and ".json" in files:
+        try:
+            caption = str(json.loads(files[".json"]).get("caption") or "")
+        except (ValueError, AttributeError):
+            caption = ""
+    return {"image": image, "image_path": "", "captions": np.array([caption.strip()], dtype=object)}
+
+
+def _tar_samples(shard: bytes) -> Iterator[dict]:
+    """Samples of a WebDataset tar: consecutive files sharing a key (`key.jpg` + `key.txt` / `key.json`).
+
+    A sample with no image or no caption is still yielded (the pipeline skips and counts it); a
+    truncated shard ends at its last readable sample.
+    """
+    key, files = None, {}
+    try:
+        with tarfile.open(shard.decode()) as archive:
+            for member in archive:
+                stem, extension = os.path.splitext(member.name)
+                if not member.isfile() or extension.lower() not in IMAGE_EXTENSIONS + (".txt", ".json"):
+                    continue
+                if stem != key and key is not None:
+                    yield _sample(files)
+                    files = {}
+                key = stem
+                files[extension.lower()] = archive.extractfile(member).read()
+    except (tarfile.TarError, OSError) as error:
+        print(f"warning: tar shard {shard.decode()} is unreadable past sample {key!r}: {error}", flush=True)
+    if key is not None:
+        yield _sample(files)
+
+
+def _count_tar_samples(shard: str) -> int:
+    with tarfile.open(shard) as archive:
+        return len({os.path.splitext(m.name)[0] for m in archive if m.isfile()
+                    and os.path.splitext(m.name)[1].lower() in IMAGE_EXTENSIONS + (".txt", ".json")})
+
+
+def tar_source(pattern: str, *, process_index=None, process_count=None) -> Source:
+    """WebDataset-style tar shards (as img2dataset writes them); process p reads shards p, p + P, ..."""
+    shards = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not shards:
+        raise ValueError(f"no tar shards match {pattern!r}")
+    process_index, process_count = _process(process_index, process_count)
+    mine = shards[process_index::process_count]
+    if not mine:
+        raise ValueError(f"{len(shards)} shards match {pattern!r}, fewer than the {process_count} processes")
+    examples = tf.data.Dataset.from_tensor_slices(mine).flat_map(
+        lambda shard: tf.data.Dataset.from_generator(_tar_samples, output_signature=_SIGNATURE, args=(shard,))
+    )
+    return Source(pattern, examples, sum(_count_tar_samples(s) for s in mine))
+
+
+SOURCE_KINDS = {"shapes": shapes_source, "tfds": tfds_source, "csv": csv_source, "tar": tar_source}
+
+
+def build_source(options: Mapping[str, Any], data_dir: Optional[str] = None, *,
+                 process_index=None, process_count=None) -> tuple[Source, float]:
+    """The source described by one entry of `config.data.sources`, and its mixture weight."""
+    options = dict(options)
+    kind, weight = options.pop("kind", None), float(options.pop("weight", 1.0))
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"unknown source kind {kind!r}; use one of {sorted(SOURCE_KINDS)}")
+    if kind in ("shapes", "tfds") and options.get("data_dir") is None:
+        options["data_dir"] = data_dir
+    try:
+        source = SOURCE_KINDS[kind](**options, process_index=process_index, process_count=process_count)
+    except TypeError as error:
+        raise ValueError(f"bad options for a {kind!r} source: {error}") from None
+    if source.num_examples == 0:
+        raise ValueError(f"source {source.name!r} has no examples for process {process_index}")
+    return source, weight

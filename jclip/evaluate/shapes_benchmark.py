@@ -24,7 +24,7 @@ from jclip.evaluate.zero_shot import classify_by_prompts
 
 def evaluate_shapes(model, params, builder, tokenizer: Tokenizer, config: ConfigDict, mesh) -> dict:
     """All metrics of the suite as a nested dict of floats (fractions, not percentages)."""
-    data = pipeline.load_split(builder, config.evaluate.split)
+    data = pipeline.load_split(builder, config.evaluate.split, config.evaluate.preprocess)
     batch_size = config.evaluate.batch_size
     encode_image = lambda p, x: model.apply({"params": p}, x, method=model.encode_image)
     encode_text = lambda p, t: model.apply({"params": p}, t, method=model.encode_text)
@@ -96,6 +96,6 @@ def evaluate_and_report(model, params, builder, tokenizer: Tokenizer, config: Co
         with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=2)
         os.replace(path + ".tmp", path)
-        print(f"\nZero-shot results on the {results['split']} split of shapes/{config.data.builder_config} "
+        print(f"\nZero-shot results on the {results['split']} split of shapes/{config.evaluate.dataset} "
               f"(step {step}; {results['num_images']} images):\n{format_table(results)}\nWritten to {path}")
     return results

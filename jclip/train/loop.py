@@ -8,14 +8,16 @@ from typing import Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer
-from jclip.data import pipeline
-from jclip.data.sources import load_source
+from jclip.data import pipeline, shapes
+from jclip.data.sources import build_source
 from jclip.data.tokenizer import Tokenizer
+from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate.shapes_benchmark import evaluate_and_report, evaluate_shapes, flatten
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule
 from jclip.train.state import TrainState, abstract_train_state, create_train_state
@@ -67,33 +69,40 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
     write_config(config, workdir)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
-    builder, tokenizer = load_source(config.data)
+    sources = [build_source(options, config.data.data_dir) for options in config.data.sources.values()]
+    tokenizer = load_tokenizer(config.data.tokenizer, config.data.data_dir)
     check_vocabulary(config, tokenizer)
+    evaluation_data = shapes.prepare(config.evaluate.dataset, config.data.data_dir)
 
     model = models.CLIP(**config.model)
     optimizer = build_optimizer(config)
     schedule = learning_rate_schedule(config)
-    image_shape = builder.info.features["image"].shape
+    image_shape = (config.data.image_size, config.data.image_size, 3)
     checkpointer = Checkpointer(workdir, config.model.to_dict(), save_every=config.checkpoint_every,
                                 keep=config.keep_checkpoints)
     if checkpointer.latest_step() is None:
         state = create_train_state(model, optimizer, jax.random.key(config.seed), image_shape,
                                    config.data.text_length, mesh)
+        start_position = 0
     else:
         abstract = abstract_train_state(model, optimizer, image_shape, config.data.text_length, mesh)
-        state, _ = checkpointer.restore(abstract)
+        state, record = checkpointer.restore(abstract)
+        start_position = record["data_position"][jax.process_index()]
         print(f"Resuming from {checkpointer.directory} at step {int(state.step)}.")
     start_step = int(state.step)
 
-    batches = pipeline.train_batches(
-        builder, tokenizer, mesh, batch_size=config.batch_size, text_length=config.data.text_length,
-        seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, start_step=start_step,
+    batches = pipeline.TrainInput(
+        sources, tokenizer, mesh, batch_size=config.batch_size, text_length=config.data.text_length,
+        seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, image_preprocess=config.data.preprocess,
+        start_position=start_position,
     )
     train_step = make_train_step(model, optimizer, mesh, config.loss)
     end_step = config.total_steps if stop_after is None else min(config.total_steps, start_step + stop_after)
 
-    def record_for(step):
-        return {"data_position": step * config.batch_size, "seed": config.seed}
+    def record():
+        """What an exact resume needs besides the state: every process's input position."""
+        positions = multihost_utils.process_allgather(np.int64(batches.position))
+        return {"data_position": np.atleast_1d(positions).tolist(), "seed": config.seed}
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
 
@@ -113,7 +122,7 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
             state, metrics = train_step(state, next(batches))
             step += 1
             window_steps += 1
-            checkpointer.save(step, state, record_for(step))
+            checkpointer.save(step, state, record)
             if step % config.log_every == 0 or step == end_step:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not np.isfinite(metrics["loss"]):
@@ -125,19 +134,20 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
                 metrics["samples_per_second"] = window_steps * config.batch_size / (now - window_start)
                 metrics["learning_rate"] = float(schedule(step - 1))
                 metrics["seconds"] = now - run_start
+                metrics["skipped_examples"] = batches.skipped
                 window_start, window_steps = now, 0
                 log(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{metrics['samples_per_second']:.0f}")
             if config.evaluate.every_steps and step % config.evaluate.every_steps == 0 and step < config.total_steps:
-                results = evaluate_shapes(model, state.params, builder, tokenizer, config, mesh)
+                results = evaluate_shapes(model, state.params, evaluation_data, tokenizer, config, mesh)
                 log(step, {"seconds": time.perf_counter() - run_start, **flatten(results, "eval")})
             bar.update(1)
     if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, record_for(step), force=True)
+        checkpointer.save(step, state, record, force=True)
     checkpointer.wait()
     checkpointer.close()
     if stop.requested:
         print(f"Stopped at step {step} on request; checkpoint saved. Re-run the same command to resume.")
     elif evaluate_at_end and step == config.total_steps:
-        evaluate_and_report(model, state.params, builder, tokenizer, config, workdir, mesh, step)
+        evaluate_and_report(model, state.params, evaluation_data, tokenizer, config, workdir, mesh, step)
     return state

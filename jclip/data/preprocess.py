@@ -1,0 +1,127 @@
+"""Image preprocessing ops, composed from a big_vision-style spec string.
+
+    "decode|resize_small(256)|center_crop(224)|value_range(-1, 1)"
+    "decode|inception_crop(224, 0.4, 1.0)|flip_lr|clip_normalize"
+
+Each op maps an image tensor to an image tensor; `decode` turns encoded
+bytes (PNG, JPEG, GIF, BMP) into uint8 [H, W, 3]. Random ops draw from a
+stateless seed per example, so the same (seed, example position) always gives
+the same crop: a resumed run preprocesses exactly as an uninterrupted one.
+"""
+
+import ast
+import re
+from typing import Callable
+
+import tensorflow as tf
+
+# OpenAI CLIP's per-channel image statistics (on [0, 1] values).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageOp = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (image, seed [2]) -> image
+
+
+def _decode(image, seed):
+    decoded = tf.io.decode_image(image, channels=3, expand_animations=False)
+    decoded.set_shape([None, None, 3])
+    return decoded
+
+
+def _resized(image, target):
+    """Bilinear, antialiased resize to `target` [height, width], keeping uint8 images uint8."""
+    resized = tf.image.resize(image, target, antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8) if image.dtype == tf.uint8 else resized
+
+
+def _resize(size, width=None):
+    """Resize to exactly [size, width or size]."""
+    return lambda image, seed: _resized(image, [size, width or size])
+
+
+def _resize_small(size):
+    """Resize so that the shorter side is `size`, keeping the aspect ratio (OpenCLIP's Resize)."""
+    def op(image, seed):
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = size / tf.reduce_min(shape)
+        target = tf.cast(tf.round(shape * scale), tf.int32)
+        return _resized(image, tf.maximum(target, size))
+    return op
+
+
+def _center_crop(size, width=None):
+    def op(image, seed):
+        height, target_width = size, width or size
+        shape = tf.shape(image)
+        top = (shape[0] - height) // 2
+        left = (shape[1] - target_width) // 2
+        return tf.image.crop_to_bounding_box(image, top, left, height, target_width)
+    return op
+
+
+def _inception_crop(size, min_scale=0.08, max_scale=1.0):
+    """Random-resized ("inception") crop: area fraction in [min_scale, max_scale], aspect 3/4..4/3."""
+    def op(image, seed):
+        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed,
+            area_range=(min_scale, max_scale), aspect_ratio_range=(3 / 4, 4 / 3),
+            min_object_covered=0.0, use_image_if_no_bounding_boxes=True,
+        )
+        crop = tf.slice(image, begin, crop_size)
+        crop.set_shape([None, None, 3])
+        return _resize(size)(crop, seed)
+    return op
+
+
+def _flip_lr(image, seed):
+    return tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
+
+
+def _value_range(low, high):
+    """uint8 [0, 255] -> float32 [low, high]."""
+    def op(image, seed):
+        return tf.cast(image, tf.float32) / 255.0 * (high - low) + low
+    return op
+
+
+def _clip_normalize(image, seed):
+    """uint8 [0, 255] -> float32 standardised with OpenAI CLIP's mean and std."""
+    return (tf.cast(image, tf.float32) / 255.0 - OPENAI_MEAN) / OPENAI_STD
+
+
+OPS: dict[str, Callable] = {
+    "decode": lambda: _decode,
+    "resize": _resize,
+    "resize_small": _resize_small,
+    "center_crop": _center_crop,
+    "inception_crop": _inception_crop,
+    "flip_lr": lambda: _flip_lr,
+    "value_range": _value_range,
+    "clip_normalize": lambda: _clip_normalize,
+}
+
+_OP_PATTERN = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
+
+
+def parse(spec: str) -> ImageOp:
+    """The composition of the ops in `spec` ("op|op(args)|..."), as one `(image, seed) -> image`."""
+    ops = []
+    for part in spec.split("|"):
+        match = _OP_PATTERN.match(part)
+        if not match or match.group(1) not in OPS:
+            raise ValueError(
+                f"unknown preprocessing op {part.strip()!r} in {spec!r}; known ops: {', '.join(sorted(OPS))}"
+            )
+        name, arguments = match.groups()
+        try:
+            args = ast.literal_eval(f"({arguments},)") if arguments else ()
+            ops.append(OPS[name](*args))
+        except (ValueError, SyntaxError, TypeError) as error:
+            raise ValueError(f"bad arguments for preprocessing op {part.strip()!r}: {error}") from None
+
+    def apply(image, seed):
+        for op in ops:
+            image = op(image, seed)
+        return image
+
+    return apply

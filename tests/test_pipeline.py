@@ -1,0 +1,185 @@
+"""Input sources and the resumable pipeline, on data the tests make themselves."""
+
+import csv
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from jclip import parallel
+from jclip.data import pipeline, preprocess
+from jclip.data.sources import build_source, csv_source, tar_source, tfds_source
+from jclip.data.tokenizer import Tokenizer
+
+NUM_EXAMPLES = 24
+CORRUPT = {3, 10}  # not images
+EMPTY_CAPTION = {7}
+
+
+def png(value: int, size: int = 12) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size + 4, 3), value, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def example(i: int) -> tuple[bytes, str]:
+    image = b"not an image" if i in CORRUPT else png(10 * i)
+    return image, "" if i in EMPTY_CAPTION else f"picture number {i}"
+
+
+@pytest.fixture(scope="module")
+def csv_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("csv")
+    with open(root / "pairs.tsv", "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["filepath", "title"])
+        for i in range(NUM_EXAMPLES):
+            image, caption = example(i)
+            (root / f"{i}.png").write_bytes(image)
+            writer.writerow([f"{i}.png", caption])
+        writer.writerow(["missing.png", "a file that does not exist"])
+    return str(root / "pairs.tsv")
+
+
+@pytest.fixture(scope="module")
+def tar_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tar")
+    for shard in range(3):
+        with tarfile.open(root / f"{shard:05d}.tar", "w") as archive:
+            for i in range(shard, NUM_EXAMPLES, 3):
+                for suffix, payload in zip((".png", ".txt"), example(i)):
+                    info = tarfile.TarInfo(f"{i:06d}{suffix}")
+                    data = payload if isinstance(payload, bytes) else payload.encode()
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+    return str(root / "*.tar")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train([f"picture number {i}" for i in range(NUM_EXAMPLES)] + ["a file that does not exist"], 400)
+
+
+def first_captions(source):
+    return [c[0].decode() for c in source.examples.map(lambda ex: ex["captions"]).as_numpy_iterator()]
+
+
+def test_csv_and_tar_sources_read_every_example(csv_file, tar_shards):
+    assert csv_source(csv_file, caption_column="title").num_examples == NUM_EXAMPLES + 1
+    tar = tar_source(tar_shards)
+    assert tar.num_examples == NUM_EXAMPLES
+    assert sorted(first_captions(tar)) == sorted(example(i)[1] for i in range(NUM_EXAMPLES))
+
+
+def test_two_processes_split_an_epoch_without_overlap(csv_file, tar_shards):
+    for build in (lambda p, n: csv_source(csv_file, caption_column="title", process_index=p, process_count=n),
+                  lambda p, n: tar_source(tar_shards, process_index=p, process_count=n)):
+        halves = [first_captions(build(p, 2)) for p in (0, 1)]
+        assert len(halves[0]) >= 8 and len(halves[1]) >= 8  # tar: whole shards per process (2 + 1 of 3)
+        assert sorted(halves[0] + halves[1]) == sorted(first_captions(build(0, 1)))  # each example exactly once
+
+
+def read(sources, tokenizer, start=0, batches=3, batch_size=8, spec="decode|resize(8)|value_range(-1, 1)"):
+    mesh = parallel.make_mesh()
+    stream = pipeline.TrainInput(sources, tokenizer, mesh, batch_size=batch_size, text_length=16, seed=5,
+                                 shuffle_buffer=100, image_preprocess=spec, start_position=start)
+    out = [{k: np.asarray(v) for k, v in next(stream).items()} for _ in range(batches)]
+    return out, stream
+
+
+def test_corrupt_images_and_missing_captions_are_skipped_and_counted(csv_file, tokenizer):
+    source = csv_source(csv_file, caption_column="title")
+    batches, stream = read([(source, 1.0)], tokenizer, batches=5)  # 40 draws: more than an epoch of 25
+    # Per epoch of 25 rows: 2 corrupt images, 1 empty caption, 1 missing file.
+    assert stream.skipped == stream.position - 40
+    assert 4 <= stream.skipped <= 8
+    tokens = np.concatenate([b["tokens"] for b in batches])
+    decoded = [tokenizer.decode(t) for t in tokens]
+    assert all(d.startswith("picture number") for d in decoded)
+    for b in batches:
+        assert b["image"].shape == (8, 8, 8, 3) and b["image"].dtype == np.float32
+        assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+
+
+def test_tokens_match_the_tokenizer_and_images_match_their_captions(tar_shards, tokenizer):
+    batches, _ = read([(tar_source(tar_shards), 1.0)], tokenizer, batches=2, spec="decode|value_range(0, 1)")
+    for batch in batches:
+        for image, tokens in zip(batch["image"], batch["tokens"]):
+            number = int(tokenizer.decode(tokens).split()[-1])
+            np.testing.assert_array_equal(tokens, tokenizer([f"picture number {number}"], 16)[0])
+            np.testing.assert_allclose(image, 10 * number / 255.0, atol=1e-6)
+
+
+def test_resume_continues_with_the_next_batch_exactly(csv_file, tar_shards, tokenizer):
+    sources = [(csv_source(csv_file, caption_column="title"), 1.0), (tar_source(tar_shards), 3.0)]
+    spec = "decode|inception_crop(8, 0.5)|flip_lr|value_range(-1, 1)"
+    straight, _ = read(sources, tokenizer, batches=6, spec=spec)
+    first, stream = read(sources, tokenizer, batches=3, spec=spec)
+    resumed, _ = read(sources, tokenizer, start=stream.position, batches=3, spec=spec)
+    for a, b in zip(straight, first + resumed):
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+    other_seed = pipeline.TrainInput(sources, tokenizer, parallel.make_mesh(), batch_size=8, text_length=16, seed=6,
+                                     shuffle_buffer=100, image_preprocess=spec)
+    assert not np.array_equal(np.asarray(next(other_seed)["tokens"]), straight[0]["tokens"])
+
+
+def test_mixture_follows_the_weights(csv_file, tar_shards):
+    sources = [(csv_source(csv_file, caption_column="title"), 1.0), (tar_source(tar_shards), 3.0)]
+    stream = pipeline.mixed_stream(sources, seed=0, shuffle_buffer=100, start=0).take(2000)
+    counts = pipeline._draws_per_source(2000, 0, tf.constant([0.25]), 2)
+    assert sum(counts) == 2000 and abs(counts[0] / 2000 - 0.25) < 0.03
+    assert sum(1 for _ in stream) == 2000
+
+
+def test_preprocessing_spec_errors_name_the_op():
+    with pytest.raises(ValueError, match=r"unknown preprocessing op 'blur\(3\)'"):
+        preprocess.parse("decode|blur(3)")
+    with pytest.raises(ValueError, match="bad arguments for preprocessing op 'resize"):
+        preprocess.parse("decode|resize(8, 8, 8)")
+
+
+def test_bad_sources_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="no tar shards match"):
+        tar_source(str(tmp_path / "*.tar"))
+    with pytest.raises(ValueError, match="no CSV file at"):
+        csv_source(str(tmp_path / "nothing.csv"))
+    with pytest.raises(ValueError, match="unknown source kind 'parquet'"):
+        build_source({"kind": "parquet"})
+    with pytest.raises(ValueError, match="is not prepared"):
+        tfds_source("mnist", data_dir=str(tmp_path))
+
+
+def coco_like_examples(*args, **kwargs):
+    """Examples shaped like tfds's coco_captions: an encoded image and several captions."""
+    def generate():
+        for i in range(20):
+            yield {"image": png(10 * i), "captions": {"text": [f"picture number {i}", f"number {i} picture"]}}
+    signature = {"image": tf.TensorSpec([], tf.string), "captions": {"text": tf.TensorSpec([None], tf.string)}}
+    return tf.data.Dataset.from_generator(generate, output_signature=signature).apply(
+        tf.data.experimental.assert_cardinality(20))
+
+
+def test_tfds_source_with_several_captions_samples_one_per_visit(tokenizer):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=20, as_dataset_fn=coco_like_examples):
+        source = tfds_source("coco_captions", split="train", caption_key="captions/text")
+        batches, _ = read([(source, 1.0)], tokenizer, batches=5, batch_size=8)  # two epochs
+    assert source.num_examples == 20
+    captions = [tokenizer.decode(t) for b in batches for t in b["tokens"]]
+    assert {c for c in captions if c.startswith("picture")} and {c for c in captions if c.startswith("number")}
+
+
+def test_classification_source_on_mock_imagenet():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=20):
+        source = tfds_source("imagenet2012", split="train", caption_key=None, label_key="label", templates="simple")
+        captions = [c.decode() for c in source.examples.map(lambda ex: ex["captions"]).unbatch().as_numpy_iterator()]
+    assert source.num_examples == 20 and len(captions) == 20 * 7
+    assert all(c.startswith("a ") and "{}" not in c for c in captions)
