@@ -183,3 +183,15 @@ def test_classification_source_on_mock_imagenet():
         captions = [c.decode() for c in source.examples.map(lambda ex: ex["captions"]).unbatch().as_numpy_iterator()]
     assert source.num_examples == 20 and len(captions) == 20 * 7
     assert all(c.startswith("a ") and "{}" not in c for c in captions)
+
+
+def test_converted_arrayrecord_dataset_reads_like_the_csv(csv_file, tmp_path, tokenizer):
+    from jclip.data.to_tfds import convert
+
+    directory = convert(csv_source(csv_file, caption_column="title"), "my_pairs", str(tmp_path))
+    assert any(f.endswith(".array_record-00000-of-00001") or "array_record" in f for f in os.listdir(directory))
+    converted = tfds_source(directory, caption_key="captions")
+    assert converted.num_examples == NUM_EXAMPLES + 1
+    assert sorted(first_captions(converted)) == sorted(first_captions(csv_source(csv_file, caption_column="title")))
+    batches, stream = read([(converted, 1.0)], tokenizer, batches=2)
+    assert stream.skipped >= 1 and all(tokenizer.decode(t).startswith("picture") for b in batches for t in b["tokens"])

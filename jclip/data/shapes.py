@@ -26,7 +26,6 @@ import fcntl
 import functools
 import io
 import os
-import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -252,13 +251,6 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
             num_test=256,
         ),
     ]
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> pathlib.Path:
-        # tfds's default lookup imports the `importlib_resources` backport, which Python >= 3.9
-        # installs lack; tfds only needs the path to look for a (non-existent) checksums file.
-        return pathlib.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         s = self.builder_config.image_size

@@ -68,9 +68,13 @@ def _field(example: Mapping[str, Any], key: str):
 def tfds_source(name: str, *, split: str = "train", data_dir: Optional[str] = None, image_key: str = "image",
                 caption_key: Optional[str] = "caption", label_key: Optional[str] = None,
                 templates: str = "simple", process_index=None, process_count=None) -> Source:
-    """A prepared tfds dataset; captions from `caption_key`, or class names of `label_key` in templates."""
+    """A prepared tfds dataset, by name or by directory (as `python -m jclip.data.to_tfds` writes one).
+
+    Captions come from `caption_key` (one or several per image), or from the class names of
+    `label_key` in the prompt templates `templates`.
+    """
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tfds.builder_from_directory(name) if os.path.isdir(name) else tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise ValueError(f"tfds has no dataset {name!r}: {error}") from None
     return _tfds_slice(builder, split, image_key, caption_key, label_key, templates, process_index, process_count)
@@ -81,8 +85,12 @@ def _tfds_slice(builder, split, image_key, caption_key, label_key, templates, pr
     process_split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
     decoders = {image_key: tfds.decode.SkipDecoding()}
     try:
-        examples = builder.as_dataset(split=process_split, shuffle_files=False, decoders=decoders,
-                                      read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False))
+        if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+            data_source = builder.as_data_source(split=process_split, decoders=decoders)
+            examples = _array_record_examples(data_source, builder.info.features, image_key)
+        else:
+            examples = builder.as_dataset(split=process_split, shuffle_files=False, decoders=decoders,
+                                          read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False))
     except AssertionError:  # tfds's way of saying the data is not there
         raise ValueError(
             f"tfds dataset {builder.name!r} is not prepared in {builder.data_dir}; build it first "
@@ -100,6 +108,15 @@ def _tfds_slice(builder, split, image_key, caption_key, label_key, templates, pr
     if count < 0:
         count = builder.info.splits[process_split].num_examples
     return Source(f"{builder.name}/{split}", examples, count)
+
+
+def _array_record_examples(data_source, features, image_key: str) -> tf.data.Dataset:
+    """The records of a tfds ArrayRecord data source in order (tfds reads ArrayRecord by random access only)."""
+    signature = features.get_tensor_spec()
+    signature[image_key] = tf.TensorSpec([], tf.string)  # kept encoded (SkipDecoding)
+    generate = lambda: (data_source[i] for i in range(len(data_source)))
+    return tf.data.Dataset.from_generator(generate, output_signature=signature).apply(
+        tf.data.experimental.assert_cardinality(len(data_source)))
 
 
 def shapes_source(config: str = "default", *, split: str = "train", data_dir: Optional[str] = None,
