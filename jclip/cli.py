@@ -18,6 +18,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and results.json.")
+flags.DEFINE_bool("multihost", False, "Join a multi-process job (jax.distributed); the cluster is detected "
+                  "unless --coordinator_address, --num_processes and --process_id are given.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --multihost launched by hand.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, for --multihost launched by hand.")
+flags.DEFINE_integer("process_id", None, "This process's index, for --multihost launched by hand.")
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
@@ -35,6 +40,14 @@ def run_main(main: Callable[[list[str]], None]) -> None:
     """Run `main` under absl with jclip's flag parsing; library INFO logs (orbax, tfds) hidden."""
     app.call_after_init(lambda: logging.set_verbosity(logging.WARNING))
     app.run(main, flags_parser=parse_flags)
+
+
+def join_multihost_job() -> None:
+    """`--multihost`: join the jax.distributed job before anything touches a device."""
+    if FLAGS.multihost:
+        from jclip import parallel
+
+        parallel.initialize_multihost(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
 def require(name: str) -> None:

@@ -14,6 +14,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def initialize_multihost(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                         process_id: Optional[int] = None) -> None:
+    """Join a multi-process JAX job; call first thing in every process.
+
+    With no arguments the cluster is detected (SLURM, TPU pods, and the other
+    environments `jax.distributed.initialize` knows). On CPUs the processes
+    talk over gloo collectives, as the tests do on loopback.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
 def make_mesh(num_devices: Optional[int] = None) -> Mesh:
     """A 1-D mesh over the first `num_devices` devices (default: all, all processes)."""
     devices = jax.devices()

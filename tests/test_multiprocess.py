@@ -43,3 +43,21 @@ def test_two_processes_train_and_resume_exactly(tmp_path, shapes_data_dir):
     assert record["data_position"] == [6 * 8, 6 * 8]  # each process drew its half of every batch
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "straight" / "metrics.jsonl")]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_train_command_joins_a_multihost_job(tmp_path, shapes_data_dir):
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    args = ["--config", "configs/shapes_tiny.py", "--workdir", str(tmp_path / "run"), "--multihost",
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+            "--config.data.sources.shapes.config=tiny", "--config.data.tokenizer=shapes/tiny",
+            f"--config.data.data_dir={shapes_data_dir}", "--config.evaluate.dataset=tiny",
+            "--config.model.vision.depth=1", "--config.model.text.depth=1", "--config.model.vision.width=32",
+            "--config.model.text.width=32", "--config.model.vision.stem=patch", "--config.model.vision.num_heads=2",
+            "--config.model.text.num_heads=2", "--config.model.embed_dim=16", "--config.batch_size=16",
+            "--config.total_steps=2", "--config.evaluate.batch_size=64"]
+    launched = [subprocess.Popen([sys.executable, "-m", "jclip.train", *args, f"--process_id={i}"], cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in launched]
+    assert all(p.returncode == 0 for p in launched), outputs[0][-3000:] + outputs[1][-3000:]
+    assert "Zero-shot results" in outputs[0] and "Zero-shot results" not in outputs[1]  # process 0 reports

@@ -16,6 +16,7 @@ def main(argv):
     del argv
     cli.require("config")
     cli.require("workdir")
+    cli.join_multihost_job()
     try:
         evaluate_checkpoint(cli.FLAGS.config, cli.FLAGS.workdir, cli.FLAGS.step)
     except (ValueError, FileNotFoundError) as error:

@@ -12,6 +12,7 @@ def main(argv):
     del argv
     cli.require("config")
     cli.require("workdir")
+    cli.join_multihost_job()
     try:
         train(cli.FLAGS.config, cli.FLAGS.workdir)
     except ValueError as error:
