@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss = "clip"
 
     config.batch_size = 128
+    config.micro_batches = 1  # >1: gradient caching, the same gradient with one micro-batch's activations
     config.total_steps = 1000
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-3

@@ -49,6 +49,21 @@ def test_sharded_gradients_equal_single_device_gradients():
     assert abs(float(grads_1["logit_scale"])) > 0
 
 
+def test_gradient_caching_equals_the_full_batch_gradient():
+    model = models.create("test-micro")
+    batch = random_batch(32)
+    params = model.init(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
+    full_loss, full_grads = jax.device_get(make_gradient_step(model, parallel.make_mesh(1))(params, batch))
+    largest = max(np.abs(g).max() for g in jax.tree.leaves(full_grads))
+    for devices, micro_batches in ((1, 4), (8, 2)):
+        mesh = parallel.make_mesh(devices)
+        step = make_gradient_step(model, mesh, micro_batches=micro_batches)
+        loss, grads = jax.device_get(step(params, parallel.global_batch(batch, mesh)))
+        np.testing.assert_allclose(loss, full_loss, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * largest), grads, full_grads)
+    assert abs(float(full_grads["logit_scale"])) > 0
+
+
 def test_weight_decay_skips_biases_norms_scale_and_position_embeddings():
     model = models.create("test-micro")
     batch = random_batch(2)

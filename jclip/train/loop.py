@@ -96,7 +96,7 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
         seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, image_preprocess=config.data.preprocess,
         start_position=start_position,
     )
-    train_step = make_train_step(model, optimizer, mesh, config.loss)
+    train_step = make_train_step(model, optimizer, mesh, config.loss, config.micro_batches)
     end_step = config.total_steps if stop_after is None else min(config.total_steps, start_step + stop_after)
 
     def record():

@@ -9,6 +9,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jclip import losses
 from jclip.parallel import DATA_AXIS
+from jclip.train.gradient_cache import cached_loss_and_gradients
 from jclip.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -26,26 +27,36 @@ def contrastive_loss(name: str) -> Callable[[dict, str], jax.Array]:
     raise ValueError(f"unknown loss {name!r}; use 'clip' or 'siglip'")
 
 
-def _loss_and_gradients(model: nn.Module, loss: str):
+def _loss_and_gradients(model: nn.Module, loss: str, micro_batches: int = 1):
     """Per-device `(params, batch) -> ((loss, outputs), grads)` for use under shard_map.
 
     The loss gathers the embeddings over the `data` axis, so its value is that of
     the global batch; with replicated params, shard_map's replication checking
     makes the gradient the global one too (the transpose of the implicit
-    broadcast of the params sums the per-device contributions).
+    broadcast of the params sums the per-device contributions). With
+    `micro_batches > 1` the same gradient is computed by gradient caching, with
+    the activation memory of one micro-batch.
     """
     loss_fn = contrastive_loss(loss)
 
+    def embed(params, images, tokens):
+        return model.apply({"params": params}, images, tokens)
+
+    if micro_batches > 1:
+        return lambda params, batch: cached_loss_and_gradients(
+            embed, lambda out: loss_fn(out, DATA_AXIS), params, batch["image"], batch["tokens"], micro_batches
+        )
+
     def objective(params, batch):
-        out = model.apply({"params": params}, batch["image"], batch["tokens"])
+        out = embed(params, batch["image"], batch["tokens"])
         return loss_fn(out, DATA_AXIS), out
 
     return jax.value_and_grad(objective, has_aux=True)
 
 
-def make_gradient_step(model: nn.Module, mesh: Mesh, loss: str = "clip"):
+def make_gradient_step(model: nn.Module, mesh: Mesh, loss: str = "clip", micro_batches: int = 1):
     """A jitted `(params, batch) -> (loss, grads)` over `mesh`: the global-batch loss and gradients."""
-    gradients = _loss_and_gradients(model, loss)
+    gradients = _loss_and_gradients(model, loss, micro_batches)
 
     def per_device(params, batch):
         (value, _), grads = gradients(params, batch)
@@ -56,12 +67,14 @@ def make_gradient_step(model: nn.Module, mesh: Mesh, loss: str = "clip"):
 
 def make_train_step(
     model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh, loss: str = "clip",
+    micro_batches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A jitted `(state, batch) -> (state, metrics)` that is data-parallel over `mesh`.
 
-    The state is donated: do not reuse the one passed in.
+    `micro_batches > 1` computes the same gradient by gradient caching. The
+    state is donated: do not reuse the one passed in.
     """
-    gradients = _loss_and_gradients(model, loss)
+    gradients = _loss_and_gradients(model, loss, micro_batches)
 
     def per_device(state: TrainState, batch: Batch):
         (value, out), grads = gradients(state.params, batch)

@@ -1,0 +1,59 @@
+"""Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+Limited Setup", arXiv 2101.06983): the full-batch contrastive gradient with the activation memory
+of one micro-batch.
+
+Naive gradient accumulation computes the loss per micro-batch, so each sees only its own
+negatives: a different, weaker objective. Gradient caching instead
+
+1. embeds every micro-batch without keeping activations (a forward pass only),
+2. takes the loss over the whole (global) batch of embeddings and its gradient with respect to
+   the embeddings, scale and bias (cheap: no tower is involved),
+3. re-runs each micro-batch's forward pass and back-propagates that micro-batch's slice of the
+   embedding gradient through it, summing the parameter gradients.
+
+The result equals the gradient of the full-batch loss, at the cost of one extra forward pass.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Outputs = dict[str, jax.Array]  # {"zimg", "ztxt", "scale"[, "bias"]}
+
+
+def cached_loss_and_gradients(
+    embed: Callable[[dict, jax.Array, jax.Array], Outputs], loss: Callable[[Outputs], jax.Array],
+    params: dict, images: jax.Array, tokens: jax.Array, micro_batches: int,
+) -> tuple[tuple[jax.Array, Outputs], dict]:
+    """`((loss, outputs), grads)` of `loss(embed(params, images, tokens))`, `micro_batches` at a time.
+
+    `embed` is the model's forward pass; `loss` maps the outputs of the whole batch to the scalar
+    loss (it may gather over a device axis). Per-example outputs are returned whole; scale and
+    bias once.
+    """
+    batch = images.shape[0]
+    if batch % micro_batches:
+        raise ValueError(f"the per-device batch ({batch}) is not divisible by micro_batches={micro_batches}")
+
+    def split(x):
+        return x.reshape(micro_batches, batch // micro_batches, *x.shape[1:])
+
+    images, tokens = split(images), split(tokens)
+    outputs = lax.map(lambda xs: embed(params, *xs), (images, tokens))
+    per_example = {k: v.reshape(batch, *v.shape[2:]) for k, v in outputs.items() if k in ("zimg", "ztxt")}
+    shared = {k: v[0] for k, v in outputs.items() if k not in per_example}  # scale, bias: the same in each
+    value, output_grads = jax.value_and_grad(loss)({**per_example, **shared})
+
+    def backward(grads, xs):
+        index, micro_images, micro_tokens = xs
+        cotangent = {k: split(output_grads[k])[index] for k in per_example}
+        # Scale and bias take their gradient once, with the first micro-batch.
+        cotangent.update({k: jnp.where(index == 0, output_grads[k], 0.0) for k in shared})
+        _, pullback = jax.vjp(lambda p: embed(p, micro_images, micro_tokens), params)
+        return jax.tree.map(jnp.add, grads, pullback(cotangent)[0]), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = lax.scan(backward, zeros, (jnp.arange(micro_batches), images, tokens))
+    return (value, {**per_example, **shared}), grads
