@@ -1,16 +1,45 @@
 """Named model configurations, in the spirit of OpenCLIP's model-config table.
 
-Each entry is the keyword arguments of `jclip.models.clip.CLIP`. The text
-tower's `vocab_size` of the small built-in models is a placeholder that the
-trainer replaces with the tokenizer's size.
+Each entry is the keyword arguments of `jclip.models.clip.CLIP` (a plain,
+JSON-compatible dict). The OpenCLIP names have OpenCLIP's shapes
+(`open_clip/model_configs/*.json`), so `jclip.convert` can load their weights.
+The text tower's `vocab_size` of the small built-in models is a placeholder
+that the trainer replaces with the tokenizer's size.
 """
 
 import copy
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 
-from jclip.models.clip import CLIP
+from jclip.models.clip import CLIP, SHARED_TOWER_ARGUMENTS, vision_tower_class
+from jclip.models.text import TextTransformer
+
+
+def _openai_vit(embed_dim, patch_size, width, depth, text_width, text_heads, activation="gelu"):
+    """An OpenAI / OpenCLIP ViT CLIP at 224 px with the 77-token, 49408-id BPE text tower."""
+    return dict(
+        embed_dim=embed_dim,
+        vision=dict(image_size=224, patch_size=patch_size, width=width, depth=depth, num_heads=width // 64,
+                    activation=activation, norm_eps=1e-5),
+        text=_openai_text(text_width, text_heads, activation),
+    )
+
+
+def _openai_text(width, heads, activation="gelu"):
+    return dict(vocab_size=49408, context_length=77, width=width, depth=12, num_heads=heads,
+                activation=activation, pool="argmax", norm_eps=1e-5)
+
+
+def _openai_resnet(embed_dim, layers, text_width, text_heads):
+    """An OpenAI ModifiedResNet CLIP at 224 px (64 base channels, 32 attention-pool heads)."""
+    return dict(
+        embed_dim=embed_dim,
+        vision=dict(type="resnet", layers=list(layers), width=64, image_size=224, num_heads=32),
+        text=_openai_text(text_width, text_heads),
+    )
+
 
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     # The demo model: 64 px images of the built-in `shapes` dataset, a conv stem
@@ -26,12 +55,37 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         vision=dict(patch_size=16, width=32, depth=1, num_heads=2, stem="patch"),
         text=dict(vocab_size=512, context_length=16, width=32, depth=1, num_heads=2),
     ),
+    "ViT-S-32": _openai_vit(384, 32, 384, 12, 384, 6),
+    "ViT-B-32": _openai_vit(512, 32, 768, 12, 512, 8),
+    "ViT-B-32-quickgelu": _openai_vit(512, 32, 768, 12, 512, 8, activation="quick_gelu"),
+    "ViT-B-16": _openai_vit(512, 16, 768, 12, 512, 8),
+    "ViT-L-14": _openai_vit(768, 14, 1024, 24, 768, 12),
+    "RN50": _openai_resnet(1024, (3, 4, 6, 3), 512, 8),
+    "RN101": _openai_resnet(512, (3, 4, 23, 3), 512, 8),
+    # SigLIP (Zhai et al. 2023) as OpenCLIP builds it: timm's ViT without class
+    # token or ln_pre, MAP pooling, no projection; a bidirectional text tower
+    # pooled at the last token with a biased projection; sigmoid scale and bias.
+    "ViT-B-16-SigLIP": dict(
+        embed_dim=768,
+        vision=dict(image_size=224, patch_size=16, width=768, depth=12, num_heads=12, pool="map",
+                    patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6),
+        text=dict(vocab_size=32000, context_length=64, width=768, depth=12, num_heads=12, causal=False,
+                  pool="last", proj_bias=True, norm_eps=1e-6),
+        init_scale=10.0,
+        init_bias=-10.0,
+        max_scale=None,
+    ),
 }
 
 
 def list_models() -> list[str]:
     """The names `create` accepts."""
     return sorted(MODEL_CONFIGS)
+
+
+def _tower_options(cls: type[nn.Module]) -> set[str]:
+    fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name"}
+    return fields - set(SHARED_TOWER_ARGUMENTS)
 
 
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:
@@ -45,14 +99,16 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     config = copy.deepcopy(MODEL_CONFIGS[name])
     for key, value in overrides.items():
         if key in ("vision", "text"):
-            unknown = set(value) - set(config[key]) - set(_TOWER_OPTIONS[key])
-            if unknown:
-                raise ValueError(f"unknown {key} option(s) {sorted(unknown)} for model {name!r}")
             config[key].update(value)
         elif key in _TOP_LEVEL_OPTIONS:
             config[key] = value
         else:
             raise ValueError(f"unknown model option {key!r}; options are {sorted(_TOP_LEVEL_OPTIONS)}")
+    for key, cls in (("vision", vision_tower_class(config["vision"])), ("text", TextTransformer)):
+        unknown = set(config[key]) - _tower_options(cls) - ({"type"} if key == "vision" else set())
+        if unknown:
+            raise ValueError(f"unknown {key} option(s) {sorted(unknown)} for model {name!r}; "
+                             f"{cls.__name__} takes {sorted(_tower_options(cls))}")
     return config
 
 
@@ -61,10 +117,6 @@ def create(name: str, **overrides: Any) -> nn.Module:
     return CLIP(**model_config(name, **overrides))
 
 
-_TOP_LEVEL_OPTIONS = ("embed_dim", "vision", "text", "init_scale", "max_scale", "init_bias")
-_TOWER_OPTIONS = {
-    "vision": ("embed_dim", "patch_size", "width", "depth", "num_heads", "mlp_ratio",
-               "activation", "stem", "pool", "dtype"),
-    "text": ("vocab_size", "context_length", "width", "depth", "num_heads", "mlp_ratio",
-             "activation", "causal", "dtype"),
-}
+_TOP_LEVEL_OPTIONS = tuple(
+    f.name for f in dataclasses.fields(CLIP) if f.init and f.name not in ("parent", "name")
+)

@@ -1,18 +1,29 @@
-"""Causal text transformer tower, pooled at the end-of-text token (CLIP)."""
+"""Text transformer tower: token + position embeddings, encoder, pooling, projection."""
+
+from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jclip.models.transformer import Encoder
+from jclip.models.partitioning import initializer
+from jclip.models.transformer import Encoder, dense, layer_norm
+
+POOLS = ("eos", "argmax", "last")
 
 
 class TextTransformer(nn.Module):
     """Token ids [B, L] (0 = padding) -> embeddings [B, embed_dim] (not normalised).
 
-    The sequence is read through a causal mask and pooled at its last
-    non-padding position, which is the end-of-text token for fixed-length
-    padded ids (the tokenizer keeps it on truncation). For OpenAI-tokenised
-    text this is the same position as CLIP's argmax over the ids.
+    `pool` picks the token whose features become the embedding:
+
+    - "eos": the last non-padding position, i.e. the end-of-text token of
+      fixed-length padded ids (jclip's tokenizer keeps it on truncation);
+    - "argmax": the position of the largest id, OpenAI CLIP's rule (its
+      end-of-text token has the largest id);
+    - "last": the last position (SigLIP, whose ids are padded to full length).
+
+    `causal`: each token sees only those before it (CLIP); SigLIP's text
+    encoder is bidirectional. `proj_bias`: a bias on the projection (SigLIP).
     """
 
     embed_dim: int
@@ -24,7 +35,21 @@ class TextTransformer(nn.Module):
     mlp_ratio: float = 4.0
     activation: str = "gelu"
     causal: bool = True
+    pool: str = "eos"
+    proj_bias: bool = False
+    norm_eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    logical_axes: bool = False
+
+    def _pool(self, x, tokens):
+        if self.pool == "eos":
+            index = jnp.maximum(jnp.sum(tokens != 0, axis=1) - 1, 0)
+        elif self.pool == "argmax":
+            index = jnp.argmax(tokens, axis=1)
+        else:
+            return x[:, -1]
+        return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
 
     @nn.compact
     def __call__(self, tokens):
@@ -32,14 +57,17 @@ class TextTransformer(nn.Module):
             raise ValueError(
                 f"tokens must be [batch, length <= {self.context_length}]; got shape {tokens.shape}"
             )
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown text pool {self.pool!r}; use one of {POOLS}")
         length = tokens.shape[1]
-        x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
-                     dtype=self.dtype, name="token_embedding")(tokens)
-        pos = self.param("pos_embedding", nn.initializers.normal(0.01), (self.context_length, self.width))
+        x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="token_embedding",
+                     embedding_init=initializer(nn.initializers.normal(0.02), ("vocab", "embed"), self.logical_axes))(tokens)
+        pos = self.param("pos_embedding", initializer(nn.initializers.normal(0.01), ("seq", "embed"), self.logical_axes),
+                         (self.context_length, self.width))
         x = x + pos[:length].astype(x.dtype)
-        mask = nn.make_causal_mask(tokens) if self.causal else None
-        x = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.activation, self.dtype, name="encoder")(x, mask)
-        x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
-        last = jnp.maximum(jnp.sum(tokens != 0, axis=1) - 1, 0)
-        x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-        return nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, name="proj")(x)
+        mask: Optional[jnp.ndarray] = nn.make_causal_mask(tokens) if self.causal else None
+        x = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
+                    self.remat, self.logical_axes, name="encoder")(x, mask)
+        x = layer_norm(self.norm_eps, self.dtype, "ln_final")(x)
+        x = self._pool(x, tokens)
+        return dense(self.embed_dim, ("embed", "proj"), self.logical_axes, self.dtype, "proj", use_bias=self.proj_bias)(x)

@@ -1,10 +1,17 @@
-"""Pre-norm transformer encoder shared by the image and the text towers."""
+"""Pre-norm transformer encoder shared by the image and the text towers.
+
+Every layer takes `dtype`, the computation dtype (e.g. bfloat16 for mixed
+precision; parameters stay float32), `norm_eps` (OpenAI / OpenCLIP use 1e-5,
+timm and SigLIP 1e-6) and `logical_axes` (see `jclip.models.partitioning`).
+"""
 
 from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jclip.models.partitioning import initializer
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -18,19 +25,46 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+
+
+def layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm with the two-pass variance of PyTorch (the one-pass form loses digits in float32)."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def dense(features: int, axes: tuple[str, str], logical_axes: bool, dtype, name: str,
+          use_bias: bool = True) -> nn.Dense:
+    """nn.Dense with Flax's default initialisation and logical axes `(input, output)`."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                    kernel_init=initializer(nn.linear.default_kernel_init, axes, logical_axes))
+
+
+def attention(num_heads: int, logical_axes: bool, dtype, name: str, out_features: Optional[int] = None):
+    """Multi-head dot-product attention scaled by 1/sqrt(head width) (Vaswani et al. 2017)."""
+    return nn.MultiHeadDotProductAttention(
+        num_heads=num_heads, dtype=dtype, out_features=out_features, name=name,
+        kernel_init=initializer(nn.linear.default_kernel_init, ("embed", "heads", "kv"), logical_axes),
+        out_kernel_init=initializer(nn.linear.default_kernel_init, ("heads", "kv", "embed"), logical_axes),
+    )
+
+
 class MlpBlock(nn.Module):
     """Two dense layers with an activation between them."""
 
     hidden_dim: int
     activation: str = "gelu"
     dtype: jnp.dtype = jnp.float32
+    logical_axes: bool = False
 
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc")(x)
+        x = dense(self.hidden_dim, ("embed", "mlp"), self.logical_axes, self.dtype, "fc")(x)
         x = ACTIVATIONS[self.activation](x)
-        return nn.Dense(width, dtype=self.dtype, name="proj")(x)
+        return dense(width, ("mlp", "embed"), self.logical_axes, self.dtype, "proj")(x)
 
 
 class EncoderBlock(nn.Module):
@@ -40,33 +74,43 @@ class EncoderBlock(nn.Module):
     mlp_ratio: float = 4.0
     activation: str = "gelu"
     dtype: jnp.dtype = jnp.float32
+    norm_eps: float = 1e-6
+    logical_axes: bool = False
 
     @nn.compact
     def __call__(self, x, mask: Optional[jax.Array] = None):
         width = x.shape[-1]
-        y = nn.LayerNorm(dtype=self.dtype, name="ln_1")(x)
-        y = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, dtype=self.dtype, name="attn"
-        )(y, y, mask=mask)
+        y = layer_norm(self.norm_eps, self.dtype, "ln_1")(x)
+        y = attention(self.num_heads, self.logical_axes, self.dtype, "attn")(y, y, mask=mask)
         x = x + y
-        y = nn.LayerNorm(dtype=self.dtype, name="ln_2")(x)
-        y = MlpBlock(int(width * self.mlp_ratio), self.activation, self.dtype, name="mlp")(y)
+        y = layer_norm(self.norm_eps, self.dtype, "ln_2")(x)
+        y = MlpBlock(int(width * self.mlp_ratio), self.activation, self.dtype, self.logical_axes, name="mlp")(y)
         return x + y
 
 
 class Encoder(nn.Module):
-    """A stack of `depth` pre-norm encoder blocks."""
+    """A stack of `depth` pre-norm encoder blocks.
+
+    `remat=True` recomputes each block's activations in the backward pass
+    instead of storing them (gradient checkpointing, Chen et al. 2016):
+    activation memory of one block instead of `depth`, for about a third more
+    compute.
+    """
 
     depth: int
     num_heads: int
     mlp_ratio: float = 4.0
     activation: str = "gelu"
     dtype: jnp.dtype = jnp.float32
+    norm_eps: float = 1e-6
+    remat: bool = False
+    logical_axes: bool = False
 
     @nn.compact
     def __call__(self, x, mask: Optional[jax.Array] = None):
+        check_activation(self.activation)
+        block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
         for i in range(self.depth):
-            x = EncoderBlock(
-                self.num_heads, self.mlp_ratio, self.activation, self.dtype, name=f"block_{i}"
-            )(x, mask)
+            x = block(self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
+                      self.logical_axes, name=f"block_{i}")(x, mask)
         return x

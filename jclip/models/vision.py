@@ -1,11 +1,15 @@
-"""Vision Transformer image tower (Dosovitskiy et al. 2021), as used by CLIP."""
+"""Vision Transformer image tower (Dosovitskiy et al. 2021), as used by CLIP and SigLIP."""
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from jclip.models.transformer import Encoder
+from jclip.models.partitioning import initializer
+from jclip.models.transformer import Encoder, MlpBlock, attention, dense, layer_norm
+
+CONV_AXES = ("conv_h", "conv_w", "conv_in", "embed")
 
 
 class ConvStem(nn.Module):
@@ -19,23 +23,77 @@ class ConvStem(nn.Module):
     channels: Sequence[int]
     width: int
     dtype: jnp.dtype = jnp.float32
+    logical_axes: bool = False
 
     @nn.compact
     def __call__(self, x):
+        kernel_init = initializer(nn.linear.default_kernel_init, CONV_AXES, self.logical_axes)
         for i, channels in enumerate(self.channels):
-            x = nn.Conv(channels, (3, 3), strides=2, padding="SAME", dtype=self.dtype, name=f"conv_{i}")(x)
+            x = nn.Conv(channels, (3, 3), strides=2, padding="SAME", dtype=self.dtype, kernel_init=kernel_init,
+                        name=f"conv_{i}")(x)
             x = nn.LayerNorm(dtype=self.dtype, name=f"norm_{i}")(x)
             x = nn.gelu(x)
-        return nn.Conv(self.width, (1, 1), dtype=self.dtype, name="proj")(x)
+        return nn.Conv(self.width, (1, 1), dtype=self.dtype, kernel_init=kernel_init, name="proj")(x)
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (Lee et al. 2019, Set Transformer; used by SigLIP).
+
+    One learned query attends over the tokens, followed by a residual MLP:
+    `z = attn(latent, x); z + mlp(norm(z))`, as timm's `AttentionPoolLatent`.
+    """
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"
+    dtype: jnp.dtype = jnp.float32
+    norm_eps: float = 1e-6
+    logical_axes: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        batch, _, width = x.shape
+        latent = self.param("latent", initializer(nn.initializers.normal(width**-0.5), (None, "seq", "embed"),
+                                                  self.logical_axes), (1, 1, width))
+        query = jnp.broadcast_to(latent, (batch, 1, width)).astype(x.dtype)
+        z = attention(self.num_heads, self.logical_axes, self.dtype, "attn")(query, x)
+        y = layer_norm(self.norm_eps, self.dtype, "ln")(z)
+        z = z + MlpBlock(int(width * self.mlp_ratio), self.activation, self.dtype, self.logical_axes, name="mlp")(y)
+        return z[:, 0]
+
+
+def resize_positions(pos: jax.Array, num_prefix: int, grid: tuple[int, int]) -> jax.Array:
+    """Position embeddings [1, prefix + h*w, C] resized (bicubic) to another patch grid.
+
+    The class-token entry (`num_prefix` = 1) is kept as is; the patch entries
+    are treated as an image, as when fine-tuning at a new resolution
+    (Dosovitskiy et al. 2021, section 3.2).
+    """
+    prefix, patches = pos[:, :num_prefix], pos[:, num_prefix:]
+    old = int(round(patches.shape[1] ** 0.5))
+    patches = patches.reshape(1, old, old, pos.shape[-1])
+    patches = jax.image.resize(patches, (1, *grid, pos.shape[-1]), method="cubic")
+    return jnp.concatenate([prefix, patches.reshape(1, grid[0] * grid[1], pos.shape[-1])], axis=1)
 
 
 class VisionTransformer(nn.Module):
     """Images [B, H, W, 3] -> embeddings [B, embed_dim] (not normalised).
 
-    `stem="patch"` is the standard patchify convolution of size `patch_size`;
-    `stem="conv"` is a `ConvStem` whose stride-2 stages reduce the image by
-    `patch_size` (which must then be a power of two). `pool` is "cls" (class
-    token) or "gap" (mean of the patch tokens).
+    - `stem="patch"`: the standard patchify convolution of size `patch_size`
+      (`patch_bias`: with a bias, as timm / SigLIP); `stem="conv"`: a
+      `ConvStem` whose stride-2 stages reduce the image by `patch_size` (a
+      power of two).
+    - `pool`: "cls" (class token), "gap" (mean of the tokens) or "map"
+      (`MAPHead`, SigLIP).
+    - `image_size`: the resolution the learned position embeddings are made
+      for; other resolutions get them resized. None: the resolution of the
+      images `init` sees, and no resizing.
+    - `ln_pre`: LayerNorm before the encoder (OpenAI CLIP; timm has none).
+    - `projection`: a final linear map to `embed_dim` (False: the pooled
+      features are the embedding, as OpenCLIP's SigLIP).
+    - `patch_dropout`: the fraction of patch tokens dropped at random when
+      called with `train=True` (FLIP, Li et al. 2023); needs an rng named
+      "patch_dropout".
     """
 
     embed_dim: int
@@ -47,36 +105,85 @@ class VisionTransformer(nn.Module):
     activation: str = "gelu"
     stem: str = "patch"
     pool: str = "cls"
+    image_size: Optional[int] = None
+    patch_bias: bool = False
+    ln_pre: bool = True
+    projection: bool = True
+    norm_eps: float = 1e-6
+    patch_dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    logical_axes: bool = False
 
-    @nn.compact
-    def __call__(self, images):
+    def _check(self, images):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [batch, height, width, 3]; got shape {images.shape}")
-        x = images.astype(self.dtype)
+        if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
+            raise ValueError(f"image size {images.shape[1:3]} is not a multiple of patch_size={self.patch_size}")
+        if self.pool not in ("cls", "gap", "map"):
+            raise ValueError(f"unknown pool {self.pool!r}; use 'cls', 'gap' or 'map'")
+        if not self.projection and self.embed_dim != self.width:
+            raise ValueError(f"projection=False needs embed_dim == width; got {self.embed_dim} and {self.width}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1); got {self.patch_dropout}")
+
+    def _stem(self, x):
         if self.stem == "patch":
-            x = nn.Conv(
-                self.width, (self.patch_size,) * 2, strides=self.patch_size,
-                padding="VALID", use_bias=False, dtype=self.dtype, name="patch_embed",
+            return nn.Conv(
+                self.width, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
+                use_bias=self.patch_bias, dtype=self.dtype, name="patch_embed",
+                kernel_init=initializer(nn.linear.default_kernel_init, CONV_AXES, self.logical_axes),
             )(x)
-        elif self.stem == "conv":
+        if self.stem == "conv":
             stages = self.patch_size.bit_length() - 1
             if 2**stages != self.patch_size:
                 raise ValueError(f"stem='conv' needs a power-of-two patch_size; got {self.patch_size}")
             channels = [max(self.width // 2 ** (stages - i), 16) for i in range(stages)]
-            x = ConvStem(channels, self.width, self.dtype, name="conv_stem")(x)
-        else:
-            raise ValueError(f"unknown stem {self.stem!r}; use 'patch' or 'conv'")
+            return ConvStem(channels, self.width, self.dtype, self.logical_axes, name="conv_stem")(x)
+        raise ValueError(f"unknown stem {self.stem!r}; use 'patch' or 'conv'")
+
+    def _drop_patches(self, x, num_prefix: int):
+        """Keep a random subset of the patch tokens of each example (the prefix tokens always)."""
+        prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+        batch, count, width = patches.shape
+        keep = max(1, int(count * (1.0 - self.patch_dropout)))
+        scores = jax.random.uniform(self.make_rng("patch_dropout"), (batch, count))
+        kept = jnp.argsort(scores, axis=1)[:, :keep]
+        patches = jnp.take_along_axis(patches, kept[:, :, None], axis=1)
+        return jnp.concatenate([prefix, patches], axis=1)
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        self._check(images)
+        x = self._stem(images.astype(self.dtype))
         batch, height, width, _ = x.shape
         x = x.reshape(batch, height * width, self.width)
-        if self.pool == "cls":
-            cls = self.param("cls_token", nn.initializers.normal(self.width**-0.5), (1, 1, self.width))
+        num_prefix = int(self.pool == "cls")
+        if num_prefix:
+            cls = self.param("cls_token", initializer(nn.initializers.normal(self.width**-0.5),
+                                                      (None, "seq", "embed"), self.logical_axes), (1, 1, self.width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
-        elif self.pool != "gap":
-            raise ValueError(f"unknown pool {self.pool!r}; use 'cls' or 'gap'")
-        pos = self.param("pos_embedding", nn.initializers.normal(self.width**-0.5), (1, x.shape[1], self.width))
-        x = nn.LayerNorm(dtype=self.dtype, name="ln_pre")(x + pos.astype(x.dtype))
-        x = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.activation, self.dtype, name="encoder")(x)
-        x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
-        x = nn.LayerNorm(dtype=self.dtype, name="ln_post")(x)
-        return nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, name="proj")(x)
+        grid = self.image_size // self.patch_size if self.image_size else None
+        tokens = num_prefix + grid**2 if grid else x.shape[1]
+        pos = self.param("pos_embedding", initializer(nn.initializers.normal(self.width**-0.5),
+                                                      (None, "seq", "embed"), self.logical_axes),
+                         (1, tokens, self.width))
+        if pos.shape[1] != x.shape[1]:
+            pos = resize_positions(pos, num_prefix, (height, width))
+        x = x + pos.astype(x.dtype)
+        if train and self.patch_dropout > 0:
+            x = self._drop_patches(x, num_prefix)
+        if self.ln_pre:
+            x = layer_norm(self.norm_eps, self.dtype, "ln_pre")(x)
+        x = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
+                    self.remat, self.logical_axes, name="encoder")(x)
+        if self.pool == "map":
+            x = layer_norm(self.norm_eps, self.dtype, "ln_post")(x)
+            x = MAPHead(self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
+                        self.logical_axes, name="map_head")(x)
+        else:
+            x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
+            x = layer_norm(self.norm_eps, self.dtype, "ln_post")(x)
+        if not self.projection:
+            return x
+        return dense(self.embed_dim, ("embed", "proj"), self.logical_axes, self.dtype, "proj", use_bias=False)(x)

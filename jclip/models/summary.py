@@ -1,0 +1,40 @@
+"""Parameter counts and forward-pass GFLOPs of the named models.
+
+GFLOPs are XLA's cost analysis of the jitted image and text encoders at batch
+size 1 (floating-point operations, a multiply-add counting as two), so they are
+about twice the "GMACs" some tables list.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jclip.models.clip import CLIP
+from jclip.models.registry import model_config
+
+
+def example_inputs(config: dict[str, Any], batch: int = 1, image_size: int = 224):
+    """Shape structs of the images and tokens a model `config` takes (its own image_size if set)."""
+    size = config["vision"].get("image_size") or image_size
+    return (jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+            jax.ShapeDtypeStruct((batch, config["text"]["context_length"]), jnp.int32))
+
+
+def summarize(name: str, **overrides: Any) -> dict[str, float]:
+    """{"params_m", "image_size", "image_gflops", "text_gflops"} of model `name`, computed abstractly."""
+    config = model_config(name, **overrides)
+    model = CLIP(**config)
+    images, tokens = example_inputs(config)
+    params = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t), images, tokens)
+
+    def gflops(method, inputs):
+        lowered = jax.jit(lambda p, x: model.apply(p, x, method=method)).lower(params, inputs)
+        return lowered.cost_analysis()["flops"] / 1e9
+
+    return {
+        "params_m": sum(x.size for x in jax.tree.leaves(params)) / 1e6,
+        "image_size": images.shape[1],
+        "image_gflops": gflops(CLIP.encode_image, images),
+        "text_gflops": gflops(CLIP.encode_text, tokens),
+    }

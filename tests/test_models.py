@@ -1,0 +1,157 @@
+"""The model zoo: every named config at a reduced size, mixed precision, remat, partitioning, pooling."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jclip import models, parallel
+from jclip.models.partitioning import fsdp_param_shardings
+from jclip.models.summary import summarize
+
+WIDTH, LENGTH, VOCAB = 32, 8, 64
+
+
+def reduced(name, **extra):
+    """Model `name` with its own structure (stem, pooling, norms, activation) but tiny sizes."""
+    vision = models.model_config(name)["vision"]
+    if vision.get("type") == "resnet":
+        small = dict(layers=[1, 1, 1, 1], width=8, image_size=64, num_heads=2)
+    else:
+        small = dict(width=WIDTH, depth=1, num_heads=2)
+        if vision.get("image_size"):
+            small["image_size"] = 2 * vision["patch_size"]
+    text = dict(width=WIDTH, depth=1, num_heads=2, vocab_size=VOCAB, context_length=LENGTH)
+    return models.create(name, embed_dim=WIDTH, vision=small, text=text, **extra)
+
+
+def inputs(model, batch=2, seed=0):
+    size = model.vision.get("image_size") or 32
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, VOCAB, (batch, LENGTH)).astype(np.int32)
+    tokens[0, 5:] = 0
+    return jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32), jnp.asarray(tokens)
+
+
+@functools.lru_cache(maxsize=None)
+def initialised(name):
+    """The reduced model `name`, its variables and inputs (initialised once: ResNet inits compile slowly)."""
+    model = reduced(name)
+    images, tokens = inputs(model)
+    return model, jax.jit(model.init)(jax.random.key(0), images, tokens), images, tokens
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_every_named_model_runs_at_reduced_size(name):
+    model, params, images, tokens = initialised(name)
+    out = jax.jit(model.apply)(params, images, tokens)
+    assert out["zimg"].shape == out["ztxt"].shape == (2, WIDTH)
+    for z in (out["zimg"], out["ztxt"]):
+        assert z.dtype == jnp.float32
+        np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, rtol=1e-5)
+    assert float(out["scale"]) == pytest.approx(models.model_config(name).get("init_scale", 1 / 0.07), rel=1e-5)
+    assert ("bias" in out) == (models.model_config(name).get("init_bias") is not None)
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "RN50", "ViT-B-16-SigLIP"])
+def test_bfloat16_compute_stays_close_to_float32(name):
+    full, params, images, tokens = initialised(name)
+    mixed = reduced(name, dtype="bfloat16")
+    abstract = jax.eval_shape(mixed.init, jax.random.key(0), images, tokens)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(abstract))
+    want, got = jax.jit(full.apply)(params, images, tokens), jax.jit(mixed.apply)(params, images, tokens)
+    for key in ("zimg", "ztxt"):
+        assert got[key].dtype == jnp.float32
+        cosine = np.sum(np.asarray(want[key]) * np.asarray(got[key]), axis=-1)
+        assert np.all(cosine > 0.99), (key, cosine)
+        assert not np.allclose(want[key], got[key], atol=1e-6)  # bf16 really was used
+
+
+def test_remat_gives_the_same_values_and_gradients():
+    plain, remat = reduced("ViT-B-32"), reduced("ViT-B-32", remat=True)
+    images, tokens = inputs(plain)
+    params = jax.jit(plain.init)(jax.random.key(0), images, tokens)
+    assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(remat.init, jax.random.key(0), images, tokens))
+
+    def loss(model):
+        return jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, images, tokens)["zimg"] ** 3)))(params)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), loss(plain), loss(remat))
+
+
+def test_logical_axes_annotate_parameters_for_fsdp():
+    model = reduced("ViT-B-32", logical_axes=True)
+    images, tokens = inputs(model)
+    boxed = model.init(jax.random.key(0), images, tokens)["params"]
+    kernel = boxed["image_tower"]["encoder"]["block_0"]["mlp"]["fc"]["kernel"]
+    assert isinstance(kernel, nn.Partitioned) and kernel.names == ("embed", "mlp")
+    plain = reduced("ViT-B-32").init(jax.random.key(0), images, tokens)["params"]
+    jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(boxed), plain)
+    shardings = fsdp_param_shardings(model, parallel.make_mesh(8), images, tokens)
+    assert shardings["text_tower"]["token_embedding"]["embedding"].spec == P(None, "data")
+    assert shardings["image_tower"]["encoder"]["block_0"]["attn"]["out"]["kernel"].spec == P(None, None, "data")
+    assert shardings["logit_scale"].spec == P()
+
+
+def test_position_embeddings_resize_to_another_resolution():
+    model = reduced("ViT-B-16")  # made for 32 px: a 2x2 grid
+    images, tokens = inputs(model)
+    params = model.init(jax.random.key(0), images, tokens)
+    assert params["params"]["image_tower"]["pos_embedding"].shape == (1, 5, WIDTH)
+    larger = jax.image.resize(images, (2, 64, 64, 3), "bilinear")
+    z = model.apply(params, larger, method=model.encode_image)
+    assert z.shape == (2, WIDTH) and np.all(np.isfinite(z))
+    assert not np.allclose(z, model.apply(params, images, method=model.encode_image), atol=1e-3)
+
+
+def test_patch_dropout_acts_only_in_training():
+    model = models.create("test-micro", vision={"patch_dropout": 0.5})
+    images, tokens = inputs(model, seed=1)
+    images = jax.image.resize(images, (2, 64, 64, 3), "bilinear")  # 16 patches
+    params = model.init(jax.random.key(0), images, tokens)
+
+    def encode(train, seed):
+        return model.apply(params, images, train, method=model.encode_image, rngs={"patch_dropout": jax.random.key(seed)})
+
+    np.testing.assert_array_equal(encode(False, 0), encode(False, 1))
+    np.testing.assert_array_equal(encode(True, 0), encode(True, 0))
+    assert not np.allclose(encode(True, 0), encode(True, 1), atol=1e-4)
+    assert not np.allclose(encode(True, 0), encode(False, 0), atol=1e-4)
+
+
+@pytest.mark.parametrize("pool, position", [("eos", 4), ("argmax", 2), ("last", LENGTH - 1)])
+def test_text_pooling_reads_the_chosen_position(pool, position):
+    """Under a causal mask the embedding depends on the token at the pooled position, not on later ones."""
+    model = models.create("test-micro", text={"pool": pool, "vocab_size": VOCAB, "context_length": LENGTH})
+    tokens = np.array([[5, 7, VOCAB - 1, 9, 11, 0, 0, 0]], np.int32)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), tokens)
+    encode = lambda t: np.asarray(model.apply(params, jnp.asarray(t), method=model.encode_text))
+    changed = tokens.copy()
+    changed[0, position] = 3
+    assert not np.allclose(encode(changed), encode(tokens), atol=1e-5)
+    if pool == "argmax":  # later (smaller) ids leave the end token where it is
+        after = tokens.copy()
+        after[0, position + 1:] = 1
+        np.testing.assert_allclose(encode(after), encode(tokens), atol=1e-6)
+
+
+def test_bad_names_and_options_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown model 'ViT-X'; known models: RN101, RN50"):
+        models.create("ViT-X")
+    with pytest.raises(ValueError, match=r"unknown vision option\(s\) \['layers'\].*VisionTransformer takes"):
+        models.model_config("ViT-B-32", vision={"layers": [1]})
+    with pytest.raises(ValueError, match=r"unknown vision type 'convnext'"):
+        models.model_config("ViT-B-32", vision={"type": "convnext"})
+    model = models.create("test-micro", text={"pool": "first"})
+    with pytest.raises(ValueError, match="unknown text pool 'first'"):
+        model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 16), jnp.int32))
+
+
+def test_summary_counts_parameters_and_flops():
+    row = summarize("ViT-B-32")
+    assert row["params_m"] == pytest.approx(151.28, abs=0.01)  # OpenCLIP's count
+    assert 8.5 < row["image_gflops"] < 9.5 and 5.5 < row["text_gflops"] < 6.5  # 2 x OpenCLIP's 4.41 / 2.96 GMACs
