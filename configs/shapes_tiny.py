@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.micro_batches = 1  # >1: gradient caching, the same gradient with one micro-batch's activations
     config.total_steps = 1000
     config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "adamw"  # or "lamb", "adafactor"
+    config.optimizer.schedule = "cosine"  # after linear warm-up; or "linear", "rsqrt", "constant"
     config.optimizer.learning_rate = 2e-3
     config.optimizer.end_learning_rate = 1e-5
     config.optimizer.warmup_steps = 100
@@ -39,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.b2 = 0.98
     config.optimizer.eps = 1e-6
     config.optimizer.grad_clip_norm = 1.0
+    config.optimizer.frozen = ()  # parameter groups to lock, e.g. ("image_tower",) for LiT
+    config.optimizer.lr_multipliers = {}  # e.g. {"text_tower": 0.1}
+    config.optimizer.skip_nonfinite = False  # True: skip updates with non-finite gradients instead of stopping
 
     config.log_every = 50
     config.checkpoint_every = 250

@@ -17,7 +17,7 @@ from jclip import models, parallel
 from jclip.checkpoint import Checkpointer, ModelMismatchError
 from jclip.evaluate.from_checkpoint import evaluate_checkpoint
 from jclip.train.loop import train
-from jclip.train.optimizer import build_optimizer, weight_decay_mask
+from jclip.train.optimizer import build_optimizer, learning_rate_schedule, weight_decay_mask
 from jclip.train.state import abstract_train_state
 from jclip.train.step import make_gradient_step
 
@@ -202,3 +202,46 @@ def test_train_step_clamps_scale_at_max():
     state, metrics = make_train_step(model, optimizer, mesh)(state, parallel.global_batch(random_batch(8), mesh))
     assert float(metrics["scale"]) == pytest.approx(150.0)
     assert float(jnp.exp(state.params["logit_scale"])) == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "rsqrt", "constant"])
+def test_schedules_warm_up_then_decay(schedule):
+    config = load_config("shapes_tiny")
+    config.optimizer.schedule = schedule
+    rates = [float(learning_rate_schedule(config)(step)) for step in (0, 50, 100, 500, 999)]
+    peak = config.optimizer.learning_rate
+    assert rates[0] == 0 and rates[1] == pytest.approx(peak / 2) and rates[2] == pytest.approx(peak)
+    assert rates[3] <= rates[2] and rates[4] <= rates[3]
+    if schedule in ("cosine", "linear"):
+        assert rates[4] == pytest.approx(config.optimizer.end_learning_rate, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor"])
+def test_optimizers_freeze_groups_and_scale_rates(name):
+    config = load_config("shapes_tiny")
+    config.optimizer.name = name
+    config.optimizer.schedule, config.optimizer.warmup_steps = "constant", 0
+    config.optimizer.frozen = ("image_tower",)
+    config.optimizer.lr_multipliers = {"logit_scale": 0.0}
+    model = models.create("test-micro")
+    batch = random_batch(2)
+    params = model.init(jax.random.key(0), batch["image"], batch["tokens"])["params"]
+    optimizer = build_optimizer(config)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates["image_tower"]))
+    assert float(updates["logit_scale"]) == 0
+    assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates["text_tower"]))
+    config.optimizer.frozen = ("vision_tower",)
+    with pytest.raises(ValueError, match=r"unknown parameter groups \['vision_tower'\]"):
+        build_optimizer(config).init(params)
+
+
+def test_nonfinite_updates_are_skipped_when_asked():
+    config = load_config("shapes_tiny")
+    config.optimizer.skip_nonfinite = True
+    params = {"w": jnp.ones((2, 2))}
+    optimizer = build_optimizer(config)
+    state = optimizer.init(params)
+    updates, state = optimizer.update({"w": jnp.full((2, 2), jnp.nan)}, state, params)
+    assert float(jnp.abs(updates["w"]).max()) == 0 and int(state.total_notfinite) == 1

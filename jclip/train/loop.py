@@ -125,7 +125,7 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
             checkpointer.save(step, state, record)
             if step % config.log_every == 0 or step == end_step:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not np.isfinite(metrics["loss"]):
+                if not np.isfinite(metrics["loss"]) and not config.optimizer.skip_nonfinite:
                     raise FloatingPointError(
                         f"loss is {metrics['loss']} at step {step}; last good checkpoint: "
                         f"step {checkpointer.latest_step()} in {checkpointer.directory}"

@@ -1,8 +1,19 @@
-"""Optimizer and learning-rate schedule built from `config.optimizer`."""
+"""Optimizer and learning-rate schedule built from `config.optimizer`.
+
+    config.optimizer.name = "adamw"            # or "adafactor", "lamb"
+    config.optimizer.schedule = "cosine"       # or "linear", "rsqrt", "constant" (all after linear warm-up)
+    config.optimizer.frozen = ("image_tower",) # LiT (Zhai et al. 2022): a locked image tower
+    config.optimizer.lr_multipliers = {"text_tower": 0.1}
+    config.optimizer.skip_nonfinite = True     # skip updates whose gradients are not finite
+
+Top-level parameter groups are the model's submodules and parameters
+(`image_tower`, `text_tower`, `logit_scale`, `logit_bias`).
+"""
 
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
@@ -12,12 +23,23 @@ NO_DECAY_PATTERN = re.compile(r"pos_embedding|cls_token")
 
 
 def learning_rate_schedule(config: ConfigDict) -> optax.Schedule:
-    """Linear warm-up to `learning_rate`, then cosine decay to `end_learning_rate` at `total_steps`."""
+    """Linear warm-up to `learning_rate`, then `schedule` towards `end_learning_rate` at `total_steps`."""
     opt = config.optimizer
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
-        decay_steps=max(config.total_steps, opt.warmup_steps + 1), end_value=opt.end_learning_rate,
-    )
+    peak, warmup = opt.learning_rate, opt.warmup_steps
+    decay_steps = max(config.total_steps - warmup, 1)
+    name = opt.get("schedule", "cosine")
+    if name == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, warmup + decay_steps, opt.end_learning_rate)
+    if name == "linear":
+        after = optax.linear_schedule(peak, opt.end_learning_rate, decay_steps)
+    elif name == "rsqrt":
+        scale = max(warmup, 1)  # 1/sqrt decay in units of the warm-up, continuous at its end
+        after = lambda step: peak * jax.lax.rsqrt(1.0 + jnp.maximum(step, 0) / scale)
+    elif name == "constant":
+        after = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"unknown schedule {name!r}; use 'cosine', 'linear', 'rsqrt' or 'constant'")
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
 def weight_decay_mask(params) -> dict:
@@ -30,13 +52,44 @@ def weight_decay_mask(params) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _base_optimizer(opt: ConfigDict, learning_rate) -> optax.GradientTransformation:
+    name = opt.get("name", "adamw")
+    if name == "adamw":
+        return optax.adamw(learning_rate, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                           mask=weight_decay_mask)
+    if name == "lamb":
+        return optax.lamb(learning_rate, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                          mask=weight_decay_mask)
+    if name == "adafactor":
+        return optax.chain(optax.adafactor(learning_rate, decay_rate=opt.b2, eps=opt.eps),
+                           optax.add_decayed_weights(-opt.weight_decay, weight_decay_mask))
+    raise ValueError(f"unknown optimizer {name!r}; use 'adamw', 'lamb' or 'adafactor'")
+
+
+def _group_of(path) -> str:
+    return str(getattr(path[0], "key", path[0]))
+
+
 def build_optimizer(config: ConfigDict) -> optax.GradientTransformation:
-    """Global-norm gradient clipping, then AdamW with the schedule and decay mask."""
+    """Global-norm clipping, then the optimizer, with frozen groups, per-group rates and finite checks."""
     opt = config.optimizer
-    return optax.chain(
-        optax.clip_by_global_norm(opt.grad_clip_norm),
-        optax.adamw(
-            learning_rate_schedule(config), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-            weight_decay=opt.weight_decay, mask=weight_decay_mask,
-        ),
-    )
+    schedule = learning_rate_schedule(config)
+    frozen = tuple(opt.get("frozen", ()))
+    multipliers = dict(opt.get("lr_multipliers", {}))
+    groups = {"frozen": optax.set_to_zero(), "train": _base_optimizer(opt, schedule)}
+    for group, multiplier in multipliers.items():
+        groups[f"x{group}"] = _base_optimizer(opt, lambda step, m=multiplier: m * schedule(step))
+
+    def labels(params):
+        unknown = (set(frozen) | set(multipliers)) - set(params)
+        if unknown:
+            raise ValueError(f"config.optimizer names unknown parameter groups {sorted(unknown)}; "
+                             f"the groups are {sorted(params)}")
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if _group_of(path) in frozen
+            else f"x{_group_of(path)}" if _group_of(path) in multipliers else "train", params)
+
+    optimizer = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), optax.multi_transform(groups, labels))
+    if opt.get("skip_nonfinite", False):
+        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=opt.get("max_consecutive_nonfinite", 5))
+    return optimizer
