@@ -22,6 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.preprocess = "decode|value_range(-1, 1)"  # no flips: captions say "left of"
     config.data.text_length = 16
     config.data.shuffle_buffer = 50_000
+    # NegCLIP-style hard-negative captions carried in the batch as `negative_tokens` (none by default),
+    # e.g. kinds=("swap_attributes",), attributes=(colours, sizes) from jclip.data.shapes.
+    config.data.negative_kinds = ()
+    config.data.negative_attributes = ()
 
     config.model_name = "shapes-tiny"
     config.model = model_config(config.model_name)

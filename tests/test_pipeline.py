@@ -195,3 +195,32 @@ def test_converted_arrayrecord_dataset_reads_like_the_csv(csv_file, tmp_path, to
     assert sorted(first_captions(converted)) == sorted(first_captions(csv_source(csv_file, caption_column="title")))
     batches, stream = read([(converted, 1.0)], tokenizer, batches=2)
     assert stream.skipped >= 1 and all(tokenizer.decode(t).startswith("picture") for b in batches for t in b["tokens"])
+
+
+def test_hard_negatives_perturb_order_and_binding():
+    from jclip.data.negatives import hard_negatives
+
+    caption = "a small red circle to the left of a large blue square"
+    swapped, words, trigrams = hard_negatives(caption, ("swap_attributes", "swap_words", "shuffle_trigrams"),
+                                              seed=0, index=3, attributes=(("red", "blue"), ("small", "large")))
+    assert swapped in (
+        "a small blue circle to the left of a large red square", "a large red circle to the left of a small blue square")
+    assert sorted(words.split()) == sorted(caption.split()) and words != caption
+    assert sorted(trigrams.split()) == sorted(caption.split()) and trigrams != caption
+    assert hard_negatives(caption, ("swap_words",), seed=0, index=3) == hard_negatives(caption, ("swap_words",), seed=0, index=3)
+    assert hard_negatives("a dog", ("swap_attributes",), seed=0, index=0, attributes=(("red", "blue"),)) == ["dog a"]
+    with pytest.raises(ValueError, match="unknown hard-negative kind"):
+        hard_negatives(caption, ("antonyms",), seed=0, index=0)
+
+
+def test_batches_carry_hard_negative_tokens(tar_shards, tokenizer):
+    stream = pipeline.TrainInput([(tar_source(tar_shards), 1.0)], tokenizer, parallel.make_mesh(), batch_size=8,
+                                 text_length=16, seed=0, shuffle_buffer=100, image_preprocess="decode|resize(8)",
+                                 negative_kinds=("swap_words", "shuffle_trigrams"))
+    batch = {k: np.asarray(v) for k, v in next(stream).items()}
+    assert batch["negative_tokens"].shape == (8, 2, 16)
+    for tokens, negatives in zip(batch["tokens"], batch["negative_tokens"]):
+        caption = tokenizer.decode(tokens)
+        for negative in negatives:
+            assert sorted(tokenizer.decode(negative).split()) == sorted(caption.split())
+            assert tokenizer.decode(negative) != caption

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from jclip import parallel
 from jclip.data import preprocess
+from jclip.data.negatives import hard_negatives
 from jclip.data.sources import Source
 
 tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX.
@@ -110,6 +111,10 @@ def _prepare(image_op, seed: int):
 class TrainInput:
     """Endless global batches `{"image", "tokens"}` of this process's share of the global batch.
 
+    With `negative_kinds`, batches also carry `negative_tokens` `[B, K, L]`: K
+    hard-negative captions per example (`jclip.data.negatives`), for NegCLIP-style
+    losses.
+
     `position` is the number of raw examples this process has drawn (save it in
     checkpoints and pass it back as `start_position` to resume); `skipped`
     counts the examples dropped since `start_position` for an undecodable image
@@ -117,9 +122,11 @@ class TrainInput:
     """
 
     def __init__(self, sources: Sequence[tuple[Source, float]], tokenizer, mesh: Mesh, *, batch_size: int,
-                 text_length: int, seed: int, shuffle_buffer: int, image_preprocess: str, start_position: int = 0):
+                 text_length: int, seed: int, shuffle_buffer: int, image_preprocess: str, start_position: int = 0,
+                 negative_kinds: Sequence[str] = (), negative_attributes: Sequence[str] = ()):
         parallel.check_batch_size(batch_size, mesh)
-        self.tokenizer, self.mesh, self.text_length = tokenizer, mesh, text_length
+        self.tokenizer, self.mesh, self.text_length, self.seed = tokenizer, mesh, text_length, seed
+        self.negative_kinds, self.negative_attributes = tuple(negative_kinds), tuple(negative_attributes)
         self.position, self.skipped = start_position, 0
         dataset = (
             mixed_stream(sources, seed, shuffle_buffer, start_position)
@@ -143,6 +150,11 @@ class TrainInput:
         self.position = last + 1
         captions = [c.decode("utf-8") for c in batch["caption"]]
         local = {"image": batch["image"], "tokens": self.tokenizer(captions, self.text_length)}
+        if self.negative_kinds:
+            negatives = [n for caption, index in zip(captions, batch["index"]) for n in hard_negatives(
+                caption, self.negative_kinds, seed=self.seed, index=int(index), attributes=self.negative_attributes)]
+            tokens = self.tokenizer(negatives, self.text_length)
+            local["negative_tokens"] = tokens.reshape(len(captions), len(self.negative_kinds), self.text_length)
         return parallel.global_batch(local, self.mesh)
 
 

@@ -94,7 +94,8 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
     batches = pipeline.TrainInput(
         sources, tokenizer, mesh, batch_size=config.batch_size, text_length=config.data.text_length,
         seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, image_preprocess=config.data.preprocess,
-        start_position=start_position,
+        start_position=start_position, negative_kinds=config.data.negative_kinds,
+        negative_attributes=config.data.negative_attributes,
     )
     train_step = make_train_step(model, optimizer, mesh, config.loss, config.micro_batches)
     end_step = config.total_steps if stop_after is None else min(config.total_steps, start_step + stop_after)
