@@ -115,10 +115,11 @@ class TrainInput:
     hard-negative captions per example (`jclip.data.negatives`), for NegCLIP-style
     losses.
 
-    `position` is the number of raw examples this process has drawn (save it in
-    checkpoints and pass it back as `start_position` to resume); `skipped`
-    counts the examples dropped since `start_position` for an undecodable image
-    or a missing caption.
+    `position` is the number of raw examples this process has drawn for the
+    batches handed out so far (save it in checkpoints and pass it back as
+    `start_position` to resume); `skipped` counts the examples among them dropped
+    for an unreadable image or a missing caption. One batch more is prefetched
+    to the devices, so its transfer overlaps the step that runs before it.
     """
 
     def __init__(self, sources: Sequence[tuple[Source, float]], tokenizer, mesh: Mesh, *, batch_size: int,
@@ -139,15 +140,24 @@ class TrainInput:
             .with_options(_input_options())
         )
         self._batches = dataset.as_numpy_iterator()
+        self._ahead = None  # the next (global batch, position after it, skipped in it), prefetched
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
+        """The next global batch; the one after it is already on its way to the devices."""
+        if self._ahead is None:
+            self._ahead = self._device_batch(self.position)
+        batch, self.position, skipped = self._ahead
+        self.skipped += skipped
+        self._ahead = self._device_batch(self.position)
+        return batch
+
+    def _device_batch(self, position: int) -> tuple[dict[str, jax.Array], int, int]:
+        """(global batch, position after it, examples skipped in it), the copy to devices started."""
         batch = next(self._batches)
         last = int(batch["index"][-1])
-        self.skipped += last + 1 - self.position - len(batch["index"])
-        self.position = last + 1
         captions = [c.decode("utf-8") for c in batch["caption"]]
         local = {"image": batch["image"], "tokens": self.tokenizer(captions, self.text_length)}
         if self.negative_kinds:
@@ -155,7 +165,7 @@ class TrainInput:
                 caption, self.negative_kinds, seed=self.seed, index=int(index), attributes=self.negative_attributes)]
             tokens = self.tokenizer(negatives, self.text_length)
             local["negative_tokens"] = tokens.reshape(len(captions), len(self.negative_kinds), self.text_length)
-        return parallel.global_batch(local, self.mesh)
+        return parallel.global_batch(local, self.mesh), last + 1, last + 1 - position - len(captions)
 
 
 def load_split(builder: tfds.core.DatasetBuilder, split: str, image_preprocess: str) -> dict[str, np.ndarray]:
