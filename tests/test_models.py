@@ -26,6 +26,8 @@ def reduced(name, **extra):
         if vision.get("image_size"):
             small["image_size"] = 2 * vision["patch_size"]
     text = dict(width=WIDTH, depth=1, num_heads=2, vocab_size=VOCAB, context_length=LENGTH)
+    if "decoder" in models.model_config(name):
+        extra.setdefault("decoder", dict(depth=1, num_heads=2))
     return models.create(name, embed_dim=WIDTH, vision=small, text=text, **extra)
 
 

@@ -9,9 +9,10 @@
     attention out [width_out, width]   -> out kernel [heads, head_width, width_out]
     LayerNorm / BatchNorm weight       -> scale (BatchNorm running stats -> mean / var)
 
-Three layouts are known: OpenAI's `CLIP` (ViT or ModifiedResNet image tower,
-text tower at the top level), and OpenCLIP's `CustomTextCLIP` with a timm image
-trunk (`visual.trunk.*`) and the text tower under `text.*` (SigLIP).
+Four layouts are known: OpenAI's `CLIP` (ViT or ModifiedResNet image tower,
+text tower at the top level), OpenCLIP's `CustomTextCLIP` with a timm image
+trunk (`visual.trunk.*`) and the text tower under `text.*` (SigLIP), and
+OpenCLIP's `CoCa` (`visual.attn_pool.*`, `text.cls_emb`, `text_decoder.*`).
 """
 
 from typing import Any, Callable, Mapping
@@ -85,15 +86,19 @@ def _thirds(width: int, fused: str, count: int = 3) -> list[tuple[str, slice]]:
     return [(fused, slice(i * width, (i + 1) * width)) for i in range(count)]
 
 
+def _openai_block(block, prefix, heads: int, width: int) -> list[Rule]:
+    """One `ResidualAttentionBlock` (with `ln_1_kv` when it is a cross-attention block)."""
+    rules = _norm((*block, "ln_1"), f"{prefix}.ln_1")
+    rules += _attention((*block, "attn"), heads, *_thirds(width, f"{prefix}.attn.in_proj"),
+                        out=f"{prefix}.attn.out_proj")
+    rules += _norm((*block, "ln_2"), f"{prefix}.ln_2")
+    return rules + _dense((*block, "mlp", "fc"), f"{prefix}.mlp.c_fc") + _dense((*block, "mlp", "proj"), f"{prefix}.mlp.c_proj")
+
+
 def _openai_blocks(path, key, depth: int, heads: int, width: int) -> list[Rule]:
     rules = []
     for i in range(depth):
-        block, prefix = (*path, "encoder", f"block_{i}"), f"{key}.resblocks.{i}"
-        rules += _norm((*block, "ln_1"), f"{prefix}.ln_1")
-        rules += _attention((*block, "attn"), heads, *_thirds(width, f"{prefix}.attn.in_proj"),
-                            out=f"{prefix}.attn.out_proj")
-        rules += _norm((*block, "ln_2"), f"{prefix}.ln_2")
-        rules += _dense((*block, "mlp", "fc"), f"{prefix}.mlp.c_fc") + _dense((*block, "mlp", "proj"), f"{prefix}.mlp.c_proj")
+        rules += _openai_block((*path, "encoder", f"block_{i}"), f"{key}.resblocks.{i}", heads, width)
     return rules
 
 
@@ -163,8 +168,35 @@ def _text(text: dict, prefix: str) -> list[Rule]:
     return rules + [((*path, "proj", "kernel"), f"{prefix}text_projection", _same)]
 
 
+def _coca(config: dict) -> list[Rule]:
+    """OpenCLIP's `CoCa`: an OpenAI-layout ViT with an attentional pooler, a text tower with an
+    appended class token, and the multimodal decoder `text_decoder`."""
+    vision, text, decoder = config["vision"], config["text"], config["decoder"]
+    image = _openai_vit(vision)
+    pool, path, heads = "visual.attn_pool", ("image_tower", "pooler"), vision["pooler_heads"]
+    parts = [slice(i * config["embed_dim"], (i + 1) * config["embed_dim"]) for i in range(3)]
+    image += [((*path, "query"), f"{pool}.query", _same)]
+    image += _norm((*path, "ln_q"), f"{pool}.ln_q") + _norm((*path, "ln_k"), f"{pool}.ln_k")
+    for name, part in zip(("query", "key", "value"), parts):
+        image += [((*path, "attn", name, "kernel"), f"{pool}.attn.{name[0]}_proj_weight", _heads_in(heads)),
+                  ((*path, "attn", name, "bias"), f"{pool}.attn.in_proj_bias", _heads_bias(heads, part))]
+    image += [((*path, "attn", "out", "kernel"), f"{pool}.attn.out_proj.weight", _heads_out(heads)),
+              ((*path, "attn", "out", "bias"), f"{pool}.attn.out_proj.bias", _same)]
+    rules = image + _text(text, "text.") + [(("text_tower", "cls_token"), "text.cls_emb", _same)]
+    path, width, heads = ("text_decoder",), text["width"], decoder["num_heads"]
+    for i in range(decoder["depth"]):
+        rules += _openai_block((*path, f"block_{i}"), f"text_decoder.resblocks.{i}", heads, width)
+        rules += _openai_block((*path, f"cross_{i}"), f"text_decoder.cross_attn.{i}", heads, width)
+        rules += _norm((*path, f"cross_{i}", "ln_1_kv"), f"text_decoder.cross_attn.{i}.ln_1_kv")
+    rules += _norm((*path, "ln_final"), "text_decoder.ln_final")
+    return rules + [((*path, "proj", "kernel"), "text_decoder.text_projection", _same),
+                    (("logit_scale",), "logit_scale", _same)]
+
+
 def conversion_rules(config: dict) -> list[Rule]:
-    """(jclip parameter path, state-dict key, transform) for every parameter of the CLIP `config`."""
+    """(jclip parameter path, state-dict key, transform) for every parameter of the CLIP or CoCa `config`."""
+    if "decoder" in config:
+        return _coca(config)
     vision = config["vision"]
     if vision.get("type") == "resnet":
         image = _resnet(vision)
@@ -187,7 +219,7 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def _expected_shapes(config: dict) -> dict[tuple[str, ...], tuple[int, ...]]:
-    model = models.CLIP(**config)
+    model = models.model_class(config)(**config)
     size = config["vision"].get("image_size")
     if size is None:
         raise ValueError("converting needs a model config with vision.image_size set (the weights' resolution)")

@@ -18,7 +18,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: Optional[int] = 
     mesh = parallel.make_mesh()
     builder = shapes.prepare(config.evaluate.dataset, config.data.data_dir)
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.data_dir)
-    model = models.CLIP(**config.model)
+    model = models.model_class(config.model)(**config.model)
     checkpointer = Checkpointer(workdir, config.model.to_dict(), save_every=1)
     abstract = abstract_train_state(model, build_optimizer(config), (config.data.image_size, config.data.image_size, 3),
                                     config.data.text_length, mesh)

@@ -1,6 +1,8 @@
-"""Flax Linen models: `create(name, **overrides)` builds a named two-tower CLIP."""
+"""Flax Linen models: `create(name, **overrides)` builds a named two-tower CLIP or CoCa."""
 
 from jclip.models.clip import CLIP, l2_normalize
-from jclip.models.registry import MODEL_CONFIGS, create, list_models, model_config
+from jclip.models.coca import CoCa, generate
+from jclip.models.registry import MODEL_CONFIGS, create, list_models, model_class, model_config
 
-__all__ = ["CLIP", "MODEL_CONFIGS", "create", "l2_normalize", "list_models", "model_config"]
+__all__ = ["CLIP", "CoCa", "MODEL_CONFIGS", "create", "generate", "l2_normalize", "list_models", "model_class",
+           "model_config"]

@@ -4,7 +4,8 @@ Each entry is the keyword arguments of `jclip.models.clip.CLIP` (a plain,
 JSON-compatible dict). The OpenCLIP names have OpenCLIP's shapes
 (`open_clip/model_configs/*.json`), so `jclip.convert` can load their weights.
 The text tower's `vocab_size` of the small built-in models is a placeholder
-that the trainer replaces with the tokenizer's size.
+that the trainer replaces with the tokenizer's size. A config with a `decoder`
+is a CoCa (`jclip.models.coca.CoCa`).
 """
 
 import copy
@@ -14,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 
 from jclip.models.clip import CLIP, SHARED_TOWER_ARGUMENTS, vision_tower_class
+from jclip.models.coca import CoCa, CoCaTextTower, CoCaVisionTower, MultimodalDecoder
 from jclip.models.text import TextTransformer
 
 
@@ -75,6 +77,23 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         init_bias=-10.0,
         max_scale=None,
     ),
+    # CoCa (Yu et al. 2022) as OpenCLIP's coca_ViT-B-32: 256 pooler queries (1
+    # contrastive, 255 caption tokens), a 76-token text tower plus class token,
+    # a 12-layer multimodal decoder.
+    "coca_ViT-B-32": dict(
+        embed_dim=512,
+        vision=dict(image_size=224, patch_size=32, width=768, depth=12, num_heads=12, norm_eps=1e-5,
+                    pooler_queries=256, pooler_heads=8),
+        text=dict(vocab_size=49408, context_length=76, width=512, depth=12, num_heads=8, norm_eps=1e-5),
+        decoder=dict(depth=12, num_heads=8, norm_eps=1e-5),
+    ),
+    # The smallest CoCa; used by tests.
+    "coca-test-micro": dict(
+        embed_dim=32,
+        vision=dict(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, pooler_queries=5, pooler_heads=2),
+        text=dict(vocab_size=64, context_length=12, width=32, depth=1, num_heads=2),
+        decoder=dict(depth=1, num_heads=2),
+    ),
 }
 
 
@@ -88,23 +107,36 @@ def _tower_options(cls: type[nn.Module]) -> set[str]:
     return fields - set(SHARED_TOWER_ARGUMENTS)
 
 
+def model_class(config: dict[str, Any]) -> type[nn.Module]:
+    """The module a model config builds: CoCa if it has a `decoder`, else CLIP."""
+    return CoCa if "decoder" in config else CLIP
+
+
+def _tower_classes(config: dict[str, Any]) -> dict[str, type[nn.Module]]:
+    if "decoder" in config:
+        return {"vision": CoCaVisionTower, "text": CoCaTextTower, "decoder": MultimodalDecoder}
+    return {"vision": vision_tower_class(config["vision"]), "text": TextTransformer}
+
+
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     """The keyword arguments of model `name`, with `overrides` merged in.
 
-    A dict override of `vision` or `text` updates that tower's arguments
-    (`vision={"depth": 2}`); any other override replaces the value.
+    A dict override of `vision`, `text` or (CoCa) `decoder` updates that
+    tower's arguments (`vision={"depth": 2}`); any other override replaces the
+    value.
     """
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     config = copy.deepcopy(MODEL_CONFIGS[name])
+    top_level = _top_level_options(model_class(config))
     for key, value in overrides.items():
-        if key in ("vision", "text"):
+        if key in ("vision", "text", "decoder") and key in config:
             config[key].update(value)
-        elif key in _TOP_LEVEL_OPTIONS:
+        elif key in top_level:
             config[key] = value
         else:
-            raise ValueError(f"unknown model option {key!r}; options are {sorted(_TOP_LEVEL_OPTIONS)}")
-    for key, cls in (("vision", vision_tower_class(config["vision"])), ("text", TextTransformer)):
+            raise ValueError(f"unknown model option {key!r}; options are {sorted(top_level)}")
+    for key, cls in _tower_classes(config).items():
         unknown = set(config[key]) - _tower_options(cls) - ({"type"} if key == "vision" else set())
         if unknown:
             raise ValueError(f"unknown {key} option(s) {sorted(unknown)} for model {name!r}; "
@@ -113,10 +145,10 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def create(name: str, **overrides: Any) -> nn.Module:
-    """The CLIP module of model `name` (see `list_models`), with `overrides` applied."""
-    return CLIP(**model_config(name, **overrides))
+    """The CLIP (or CoCa) module of model `name` (see `list_models`), with `overrides` applied."""
+    config = model_config(name, **overrides)
+    return model_class(config)(**config)
 
 
-_TOP_LEVEL_OPTIONS = tuple(
-    f.name for f in dataclasses.fields(CLIP) if f.init and f.name not in ("parent", "name")
-)
+def _top_level_options(cls: type[nn.Module]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name"))

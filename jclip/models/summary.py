@@ -10,8 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jclip.models.clip import CLIP
-from jclip.models.registry import model_config
+from jclip.models.registry import model_class, model_config
 
 
 def example_inputs(config: dict[str, Any], batch: int = 1, image_size: int = 224):
@@ -24,7 +23,7 @@ def example_inputs(config: dict[str, Any], batch: int = 1, image_size: int = 224
 def summarize(name: str, **overrides: Any) -> dict[str, float]:
     """{"params_m", "image_size", "image_gflops", "text_gflops"} of model `name`, computed abstractly."""
     config = model_config(name, **overrides)
-    model = CLIP(**config)
+    model = model_class(config)(**config)
     images, tokens = example_inputs(config)
     params = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t), images, tokens)
 
@@ -35,6 +34,6 @@ def summarize(name: str, **overrides: Any) -> dict[str, float]:
     return {
         "params_m": sum(x.size for x in jax.tree.leaves(params)) / 1e6,
         "image_size": images.shape[1],
-        "image_gflops": gflops(CLIP.encode_image, images),
-        "text_gflops": gflops(CLIP.encode_text, tokens),
+        "image_gflops": gflops(type(model).encode_image, images),
+        "text_gflops": gflops(type(model).encode_text, tokens),
     }

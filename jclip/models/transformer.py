@@ -68,7 +68,12 @@ class MlpBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """x + attention(norm(x)), then x + mlp(norm(x))."""
+    """x + attention(norm(x)), then x + mlp(norm(x)).
+
+    `cross_attention=True` makes it a decoder's cross-attention layer (Vaswani
+    et al. 2017): the queries come from `x`, the keys and values from
+    `norm_kv(context)`, as in OpenCLIP's CoCa decoder.
+    """
 
     num_heads: int
     mlp_ratio: float = 4.0
@@ -76,12 +81,17 @@ class EncoderBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     norm_eps: float = 1e-6
     logical_axes: bool = False
+    cross_attention: bool = False
 
     @nn.compact
-    def __call__(self, x, mask: Optional[jax.Array] = None):
+    def __call__(self, x, mask: Optional[jax.Array] = None, context: Optional[jax.Array] = None):
+        if self.cross_attention == (context is None):
+            raise ValueError("a cross-attention block needs a context and a self-attention block takes none; "
+                             f"got cross_attention={self.cross_attention} and context={context is not None}")
         width = x.shape[-1]
         y = layer_norm(self.norm_eps, self.dtype, "ln_1")(x)
-        y = attention(self.num_heads, self.logical_axes, self.dtype, "attn")(y, y, mask=mask)
+        kv = layer_norm(self.norm_eps, self.dtype, "ln_1_kv")(context) if self.cross_attention else y
+        y = attention(self.num_heads, self.logical_axes, self.dtype, "attn")(y, kv, mask=mask)
         x = x + y
         y = layer_norm(self.norm_eps, self.dtype, "ln_2")(x)
         y = MlpBlock(int(width * self.mlp_ratio), self.activation, self.dtype, self.logical_axes, name="mlp")(y)

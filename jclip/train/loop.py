@@ -74,7 +74,7 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
     check_vocabulary(config, tokenizer)
     evaluation_data = shapes.prepare(config.evaluate.dataset, config.data.data_dir)
 
-    model = models.CLIP(**config.model)
+    model = models.model_class(config.model)(**config.model)
     optimizer = build_optimizer(config)
     schedule = learning_rate_schedule(config)
     image_shape = (config.data.image_size, config.data.image_size, 3)
