@@ -224,3 +224,10 @@ def test_batches_carry_hard_negative_tokens(tar_shards, tokenizer):
         for negative in negatives:
             assert sorted(tokenizer.decode(negative).split()) == sorted(caption.split())
             assert tokenizer.decode(negative) != caption
+
+
+def test_unknown_tokenizer_name_is_a_clear_error():
+    from jclip.data.tokenizers import load_tokenizer
+
+    with pytest.raises(ValueError, match="unknown tokenizer 'gpt2'"):
+        load_tokenizer("gpt2")
