@@ -34,6 +34,8 @@ import ftfy
 import numpy as np
 import regex
 
+from jclip.data.tokenizer import pack_fixed_length
+
 VOCAB_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 CONTEXT_LENGTH = 77  # OpenAI CLIP's text length
 MAX_MERGES = 49152 - 256 - 2  # OpenAI's vocabulary budget: 49152 minus bytes and special tokens
@@ -42,27 +44,6 @@ START_OF_TEXT = "<start_of_text>"
 END_OF_TEXT = "<end_of_text>"
 WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 WORD_CACHE_SIZE = 1 << 18  # words whose ids are memoised before the memo is cleared
-
-
-def pack_fixed_length(
-    sequences: Sequence[Sequence[int]], length: int, *, start_id: int | None, end_id: int, pad_id: int
-) -> np.ndarray:
-    """int32 `[N, length]` rows `[start] ids... end pad...`, truncating `ids` so `end` always fits.
-
-    The end token is kept on truncation because the text tower pools at it.
-    `start_id=None` writes no start token (SigLIP's convention).
-    """
-    first = 0 if start_id is None else 1
-    if length < first + 1:
-        raise ValueError(f"length must be >= {first + 1} to hold the start/end tokens, got {length}")
-    rows = np.full((len(sequences), length), pad_id, np.int32)
-    for row, ids in zip(rows, sequences):
-        ids = list(ids[: length - first - 1])
-        if start_id is not None:
-            row[0] = start_id
-        row[first : first + len(ids)] = ids
-        row[first + len(ids)] = end_id
-    return rows
 
 
 def byte_to_unicode() -> dict[int, str]:

@@ -27,6 +27,27 @@ END_OF_TEXT = "<end_of_text>"
 SPECIAL_TOKENS = (PAD, START_OF_TEXT, END_OF_TEXT)  # ids 0, 1, 2 in that order
 
 
+def pack_fixed_length(
+    sequences: Sequence[Sequence[int]], length: int, *, start_id: int | None, end_id: int, pad_id: int
+) -> np.ndarray:
+    """int32 `[N, length]` rows `[start] ids... end pad...`, truncating `ids` so `end` always fits.
+
+    The end token is kept on truncation because the text tower pools at it.
+    `start_id=None` writes no start token (SigLIP's convention).
+    """
+    first = 0 if start_id is None else 1
+    if length < first + 1:
+        raise ValueError(f"length must be >= {first + 1} to hold the start/end tokens, got {length}")
+    rows = np.full((len(sequences), length), pad_id, np.int32)
+    for row, ids in zip(rows, sequences):
+        ids = list(ids[: length - first - 1])
+        if start_id is not None:
+            row[0] = start_id
+        row[first : first + len(ids)] = ids
+        row[first + len(ids)] = end_id
+    return rows
+
+
 class Tokenizer:
     """A trained BPE `tokenizers.Tokenizer` plus the fixed-length encoding convention."""
 
@@ -85,16 +106,9 @@ class Tokenizer:
         """Encodes `texts` to int32 `[N, length]`: start, tokens, end, then 0-padding."""
         if isinstance(texts, str):
             raise TypeError("expected a sequence of texts, got a single str; wrap it in a list")
-        if length < 2:
-            raise ValueError(f"length must be >= 2 to hold the start and end tokens, got {length}")
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
-        tokens = np.full((len(encodings), length), self.pad_id, np.int32)
-        for row, encoding in zip(tokens, encodings):
-            ids = encoding.ids[: length - 2]
-            row[0] = self.start_id
-            row[1 : len(ids) + 1] = ids
-            row[len(ids) + 1] = self.end_id
-        return tokens
+        return pack_fixed_length([e.ids for e in encodings], length, start_id=self.start_id, end_id=self.end_id,
+                                 pad_id=self.pad_id)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of one row of ids, without special tokens or padding."""
