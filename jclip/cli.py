@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported: no C++ INFO lines
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (configs/*.py).",
@@ -42,14 +42,30 @@ def run_main(main: Callable[[list[str]], None]) -> None:
     app.run(main, flags_parser=parse_flags)
 
 
+def require(name: str) -> None:
+    if getattr(FLAGS, name) is None:
+        sys.exit(f"error: --{name} is required")
+
+
+def run_command(action: Callable[[ConfigDict, str], object]) -> None:
+    """Run `action(config, workdir)` as a command: flags parsed, `--multihost` joined, bad input in one line."""
+
+    def main(argv):
+        del argv
+        require("config")
+        require("workdir")
+        join_multihost_job()
+        try:
+            action(FLAGS.config, FLAGS.workdir)
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(f"error: {error}")
+
+    run_main(main)
+
+
 def join_multihost_job() -> None:
     """`--multihost`: join the jax.distributed job before anything touches a device."""
     if FLAGS.multihost:
         from jclip import parallel
 
         parallel.initialize_multihost(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-
-
-def require(name: str) -> None:
-    if getattr(FLAGS, name) is None:
-        sys.exit(f"error: --{name} is required")

@@ -24,26 +24,25 @@ import numpy as np
 KINDS = ("swap_attributes", "swap_words", "shuffle_trigrams")
 
 
-def _swap_attributes(words: list[str], rng: np.random.Generator, attributes: dict) -> list[str]:
-    group = [attributes.get(w.lower()) for w in words]
-    pairs = [(i, j) for i in range(len(words)) for j in range(i + 1, len(words))
-             if group[i] is not None and group[i] == group[j] and words[i].lower() != words[j].lower()]
+def _swap_random_pair(words: list[str], rng: np.random.Generator, swappable) -> list[str]:
+    """`words` with one random pair (i, j) for which `swappable(i, j)` holds exchanged."""
+    pairs = [(i, j) for i in range(len(words)) for j in range(i + 1, len(words)) if swappable(i, j)]
     if not pairs:
         return words
     i, j = pairs[rng.integers(len(pairs))]
     words = list(words)
     words[i], words[j] = words[j], words[i]
     return words
+
+
+def _swap_attributes(words: list[str], rng: np.random.Generator, attributes: dict) -> list[str]:
+    group = [attributes.get(w.lower()) for w in words]
+    return _swap_random_pair(words, rng, lambda i, j: group[i] is not None and group[i] == group[j]
+                             and words[i].lower() != words[j].lower())
 
 
 def _swap_words(words: list[str], rng: np.random.Generator, attributes: dict) -> list[str]:
-    pairs = [(i, j) for i in range(len(words)) for j in range(i + 1, len(words)) if words[i] != words[j]]
-    if not pairs:
-        return words
-    i, j = pairs[rng.integers(len(pairs))]
-    words = list(words)
-    words[i], words[j] = words[j], words[i]
-    return words
+    return _swap_random_pair(words, rng, lambda i, j: words[i] != words[j])
 
 
 def _shuffle_trigrams(words: list[str], rng: np.random.Generator, attributes: dict) -> list[str]:

@@ -12,19 +12,8 @@ from jclip.evaluate.from_checkpoint import evaluate_checkpoint
 flags.DEFINE_integer("step", None, "Evaluate the checkpoint of this step instead of the latest.")
 
 
-def main(argv):
-    del argv
-    cli.require("config")
-    cli.require("workdir")
-    cli.join_multihost_job()
-    try:
-        evaluate_checkpoint(cli.FLAGS.config, cli.FLAGS.workdir, cli.FLAGS.step)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}")
-
-
 def run():
-    cli.run_main(main)
+    cli.run_command(lambda config, workdir: evaluate_checkpoint(config, workdir, cli.FLAGS.step))
 
 
 if __name__ == "__main__":
