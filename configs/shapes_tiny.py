@@ -29,10 +29,15 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model_name = "shapes-tiny"
     config.model = model_config(config.model_name)
-    config.loss = "clip"
+    # The objective: losses of jclip.losses by name, each with its weight and options,
+    # e.g. config.losses.siglip = dict(weight=1.0, ring=True) with config.model.init_bias = -10.
+    config.losses = ml_collections.ConfigDict()
+    config.losses.clip = dict(weight=1.0)
 
     config.batch_size = 128
     config.micro_batches = 1  # >1: gradient caching, the same gradient with one micro-batch's activations
+    config.parameter_sharding = "replicated"  # or "fsdp": params and optimizer state split over devices
+    config.ema_decay = 0.0  # >0: keep an EMA of the params (e.g. 0.999); evaluations then use it
     config.total_steps = 1000
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"  # or "lamb", "adafactor"
@@ -50,8 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.skip_nonfinite = False  # True: skip updates with non-finite gradients instead of stopping
 
     config.log_every = 50
-    config.checkpoint_every = 250
-    config.keep_checkpoints = 2
+    config.tensorboard = True  # event files in <workdir>/tensorboard besides metrics.jsonl
+    config.peak_flops_per_device = placeholder(float)  # for MFU where the device is not in the table
+    config.checkpoint_every = 250  # steps
+    config.checkpoint_every_minutes = placeholder(float)  # also save when this long has passed (checked at logs)
+    config.keep_checkpoints = 2  # the last K
+    config.keep_checkpoint_every = placeholder(int)  # also keep, for good, every checkpoint at a multiple of this
 
     config.evaluate = ml_collections.ConfigDict()
     config.evaluate.dataset = "default"  # the shapes config of the evaluation suite

@@ -8,6 +8,7 @@ never leaves a half-written checkpoint where a resume would find it.
 """
 
 import os
+import time
 from typing import Any, Callable, Optional
 
 import orbax.checkpoint as ocp
@@ -30,23 +31,35 @@ class Checkpointer:
     """Saves and restores train states under `<workdir>/checkpoints/<step>`.
 
     `model` is the model's configuration (a JSON-compatible dict); a checkpoint
-    saved with a different one is refused with `ModelMismatchError`.
+    saved with a different one is refused with `ModelMismatchError`. Saves are
+    due every `save_every` steps; the last `keep` are kept, and also, for good,
+    every checkpoint whose step is a multiple of `keep_period` (if set).
     """
 
-    def __init__(self, workdir: str, model: dict, *, save_every: int, keep: int = 3):
+    def __init__(self, workdir: str, model: dict, *, save_every: int, keep: int = 3,
+                 keep_period: Optional[int] = None):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.model = model
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                save_interval_steps=save_every, max_to_keep=keep, create=True,
+                save_interval_steps=save_every, max_to_keep=keep, keep_period=keep_period or None, create=True,
                 enable_async_checkpointing=True,
             ),
             item_names=("state", "record"),
         )
+        self.last_save_time = time.monotonic()
+
+    def minutes_since_save(self) -> float:
+        """Minutes since the last save started (or since this checkpointer was made)."""
+        return (time.monotonic() - self.last_save_time) / 60
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
+
+    def due(self, step: int) -> bool:
+        """Whether a save is due at `step` by the step interval."""
+        return self.manager.should_save(step)
 
     def save(self, step: int, state: Any, record: Callable[[], dict], *, force: bool = False) -> bool:
         """Start saving `state` and `record()` at `step` if due (or `force`); returns whether it saves.
@@ -56,6 +69,7 @@ class Checkpointer:
         if not (force or self.manager.should_save(step)):
             return False
         record = {**record(), "model": self.model, "step": step}
+        self.last_save_time = time.monotonic()
         return self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),

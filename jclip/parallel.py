@@ -63,3 +63,12 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     """This process's slice of a batch -> global arrays sharded over `data`."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def process_zero_decides(flag: bool) -> bool:
+    """Process 0's `flag`, on every process: for decisions that must agree, such as a time-based save."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))

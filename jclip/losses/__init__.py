@@ -4,7 +4,7 @@ Each loss works on the whole batch (`axis_name=None`) or per device inside `jax.
 `jax.shard_map` (`axis_name` set), and returns the loss of the global batch either way.
 """
 
-from jclip.losses.metrics import logits, top1_accuracy
+from jclip.losses.metrics import embedding_geometry, logits, top1_accuracy
 from jclip.losses.sigmoid import siglip_loss
 from jclip.losses.softmax import clip_loss
 from jclip.losses.temperature import (
@@ -26,6 +26,7 @@ __all__ = [
     "SIGLIP_INIT_SCALE",
     "clamp_log_scale",
     "clip_loss",
+    "embedding_geometry",
     "logits",
     "siglip_loss",
     "top1_accuracy",

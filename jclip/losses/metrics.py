@@ -1,4 +1,4 @@
-"""Logits and in-batch top-1 retrieval accuracy, on the whole batch or per device (`axis_name`)."""
+"""Logits, in-batch top-1 retrieval accuracy and embedding geometry, on the whole batch or per device."""
 
 import jax.numpy as jnp
 
@@ -29,3 +29,29 @@ def top1_accuracy(zimg, ztxt, *, axis_name=None):
         return global_sum(hits, axis_name) / (local_batch * device_count(axis_name))
 
     return {"img2txt": accuracy(zimg, ztxt), "txt2img": accuracy(ztxt, zimg)}
+
+
+def embedding_geometry(zimg, ztxt, *, axis_name=None):
+    """How the batch's embeddings sit in their space, the same on every device.
+
+    - `alignment`: mean ‖x_i − y_i‖² over positive pairs (Wang & Isola 2020; lower is better aligned);
+    - `uniformity_image` / `uniformity_text`: log mean exp(−2‖u_i − u_j‖²) over pairs i ≠ j of one
+      modality (Wang & Isola 2020; lower is more uniform on the sphere);
+    - `modality_gap`: ‖mean(x) − mean(y)‖, the distance between the image and text centroids
+      (Liang et al. 2022, "Mind the Gap").
+    """
+    local_batch = zimg.shape[0]
+    total = local_batch * device_count(axis_name)
+    positives = first_global_row(local_batch, axis_name) + jnp.arange(local_batch)
+
+    def uniformity(rows):
+        columns = gather_rows(rows, axis_name)
+        squared = (jnp.sum(rows**2, 1)[:, None] + jnp.sum(columns**2, 1)[None, :] - 2 * rows @ columns.T)
+        kernel = jnp.exp(-2 * jnp.maximum(squared, 0.0))
+        off_diagonal = jnp.sum(kernel) - jnp.sum(kernel[jnp.arange(local_batch), positives])
+        return jnp.log(global_sum(off_diagonal, axis_name) / (total * (total - 1)))
+
+    alignment = global_sum(jnp.sum((zimg - ztxt) ** 2), axis_name) / total
+    gap = global_sum(jnp.sum(zimg - ztxt, axis=0), axis_name) / total
+    return {"alignment": alignment, "uniformity_image": uniformity(zimg), "uniformity_text": uniformity(ztxt),
+            "modality_gap": jnp.linalg.norm(gap)}

@@ -20,14 +20,24 @@ The names used:
 `FSDP_RULES` maps them onto the single `data` mesh axis of `jclip.parallel`:
 each parameter is split along its `embed` dimension over all devices (fully
 sharded data parallelism, as in ZeRO-3 / PaLM's FSDP), everything else
-replicated. `fsdp_param_shardings` turns a model into those shardings.
+replicated. `fsdp_param_specs` turns a model into those partition specs.
+
+Inside per-device code (`jax.shard_map`) each device holds its shard of such a
+parameter; `gather_on_use` boxes the shards so that a layer all-gathers its
+parameter when it reads it. Gathering happens per layer, at the point of use
+(and again in the backward pass of a rematerialised block), and the gradient of
+the all-gather is a reduce-scatter: every device receives the summed gradient
+of its own shard only.
 """
 
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh
+from flax import struct
+from flax.core import meta
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Initializer = Callable[..., jax.Array]
 
@@ -50,12 +60,62 @@ def initializer(init: Initializer, axes: Sequence[str], logical_axes: bool) -> I
     return nn.with_logical_partitioning(init, tuple(axes)) if logical_axes else init
 
 
-def fsdp_param_shardings(model: nn.Module, mesh: Mesh, *example_inputs: Any, rules=FSDP_RULES) -> Any:
-    """NamedShardings of `model.init(rng, *example_inputs)["params"]` under `rules`.
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
 
-    `model` must be built with `logical_axes=True`; parameters without names
-    (scalars, norms, biases) are replicated.
+
+def fsdp_param_specs(model: nn.Module, mesh: Mesh, *example_inputs: Any, rules=FSDP_RULES) -> Any:
+    """Mesh PartitionSpecs of `model.init(rng, *example_inputs)["params"]` under `rules`.
+
+    `model` must be built with `logical_axes=True`. Parameters without names
+    (scalars, norms, biases) are replicated, and so is a parameter whose sharded
+    dimension does not divide by the number of devices on its mesh axis.
     """
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs)["params"])
-    specs = nn.get_partition_spec(abstract)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    abstract = jax.eval_shape(lambda *inputs: model.init(jax.random.key(0), *inputs)["params"], *example_inputs)
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), rules)
+
+    def divisible(spec, shape):
+        fits = all(axis is None or shape.shape[dim] % mesh.shape[axis] == 0 for dim, axis in enumerate(spec))
+        return spec if fits else P()
+
+    return jax.tree.map(divisible, specs, meta.unbox(abstract), is_leaf=_is_spec)
+
+
+def fsdp_param_shardings(model: nn.Module, mesh: Mesh, *example_inputs: Any, rules=FSDP_RULES) -> Any:
+    """`fsdp_param_specs` as NamedShardings on `mesh`."""
+    specs = fsdp_param_specs(model, mesh, *example_inputs, rules=rules)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
+
+
+@struct.dataclass
+class GatherOnUse(meta.AxisMetadata):
+    """A device's shard of a parameter, all-gathered along `dim` over `axis_name` when a layer reads it."""
+
+    value: Any
+    dim: int = struct.field(pytree_node=False)
+    axis_name: str = struct.field(pytree_node=False)
+
+    def unbox(self) -> jax.Array:
+        return lax.all_gather(self.value, self.axis_name, axis=self.dim, tiled=True)
+
+    def replace_boxed(self, val: Any) -> "GatherOnUse":
+        return self.replace(value=val)
+
+    def add_axis(self, index: int, params: dict) -> "GatherOnUse":
+        return self.replace(dim=self.dim + (index <= self.dim))
+
+    def remove_axis(self, index: int, params: dict) -> "GatherOnUse":
+        return self.replace(dim=self.dim - (index < self.dim))
+
+
+def gather_on_use(params: Any, specs: Any, axis_name: str) -> Any:
+    """Per-device `params` (shards where `specs` split a dimension over `axis_name`) for `model.apply`.
+
+    Sharded parameters are boxed in `GatherOnUse`; replicated ones pass through.
+    """
+
+    def box(spec, value):
+        dims = [dim for dim, axis in enumerate(spec) if axis == axis_name]
+        return GatherOnUse(value, dims[0], axis_name) if dims else value
+
+    return jax.tree.map(box, specs, params, is_leaf=_is_spec)

@@ -26,14 +26,27 @@ def summarize(name: str, **overrides: Any) -> dict[str, float]:
     model = model_class(config)(**config)
     images, tokens = example_inputs(config)
     params = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t), images, tokens)
-
-    def gflops(method, inputs):
-        lowered = jax.jit(lambda p, x: model.apply(p, x, method=method)).lower(params, inputs)
-        return lowered.cost_analysis()["flops"] / 1e9
-
+    image_flops, text_flops = encoder_flops(model, images, tokens)
     return {
         "params_m": sum(x.size for x in jax.tree.leaves(params)) / 1e6,
         "image_size": images.shape[1],
-        "image_gflops": gflops(type(model).encode_image, images),
-        "text_gflops": gflops(type(model).encode_text, tokens),
+        "image_gflops": image_flops / 1e9,
+        "text_gflops": text_flops / 1e9,
     }
+
+
+def encoder_flops(model, images, tokens) -> tuple[float, float]:
+    """Forward FLOPs of `model`'s image and text encoders on `images` and `tokens` (arrays or shape structs)."""
+    params = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t), images, tokens)
+
+    def flops(method, inputs):
+        return jax.jit(lambda p, x: model.apply(p, x, method=method)).lower(params, inputs).cost_analysis()["flops"]
+
+    return flops(type(model).encode_image, images), flops(type(model).encode_text, tokens)
+
+
+def training_flops_per_pair(model, image_shape: tuple[int, ...], text_length: int) -> float:
+    """Model FLOPs of one image–text pair in a training step: 3× the forward pass (forward + backward)."""
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((1, text_length), jnp.int32)
+    return 3 * sum(encoder_flops(model, images, tokens))

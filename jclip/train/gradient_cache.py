@@ -14,7 +14,7 @@ negatives: a different, weaker objective. Gradient caching instead
 The result equals the gradient of the full-batch loss, at the cost of one extra forward pass.
 """
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +24,16 @@ Outputs = dict[str, jax.Array]  # {"zimg", "ztxt", "scale"[, "bias"]}
 
 
 def cached_loss_and_gradients(
-    embed: Callable[[dict, jax.Array, jax.Array], Outputs], loss: Callable[[Outputs], jax.Array],
-    params: dict, images: jax.Array, tokens: jax.Array, micro_batches: int,
-) -> tuple[tuple[jax.Array, Outputs], dict]:
-    """`((loss, outputs), grads)` of `loss(embed(params, images, tokens))`, `micro_batches` at a time.
+    embed: Callable[[dict, jax.Array, jax.Array, jax.Array], Outputs],
+    loss: Callable[[Outputs], tuple[jax.Array, Any]],
+    params: dict, images: jax.Array, tokens: jax.Array, rng: jax.Array, micro_batches: int,
+) -> tuple[tuple[jax.Array, tuple[Any, Outputs]], dict]:
+    """`((loss, (aux, outputs)), grads)` of `loss(embed(params, images, tokens, rng))`, `micro_batches` at a time.
 
-    `embed` is the model's forward pass; `loss` maps the outputs of the whole batch to the scalar
-    loss (it may gather over a device axis). Per-example outputs are returned whole; scale and
-    bias once.
+    `embed` is the model's forward pass (`rng` for its stochastic parts: micro-batch m gets
+    `fold_in(rng, m)` in both passes); `loss` maps the outputs of the whole batch to the scalar
+    loss and auxiliary values (it may gather over a device axis). Per-example outputs are
+    returned whole; scale and bias once.
     """
     batch = images.shape[0]
     if batch % micro_batches:
@@ -41,19 +43,20 @@ def cached_loss_and_gradients(
         return x.reshape(micro_batches, batch // micro_batches, *x.shape[1:])
 
     images, tokens = split(images), split(tokens)
-    outputs = lax.map(lambda xs: embed(params, *xs), (images, tokens))
+    keys = jax.vmap(lambda index: jax.random.fold_in(rng, index))(jnp.arange(micro_batches))
+    outputs = lax.map(lambda xs: embed(params, *xs), (images, tokens, keys))
     per_example = {k: v.reshape(batch, *v.shape[2:]) for k, v in outputs.items() if k in ("zimg", "ztxt")}
     shared = {k: v[0] for k, v in outputs.items() if k not in per_example}  # scale, bias: the same in each
-    value, output_grads = jax.value_and_grad(loss)({**per_example, **shared})
+    (value, aux), output_grads = jax.value_and_grad(loss, has_aux=True)({**per_example, **shared})
 
     def backward(grads, xs):
-        index, micro_images, micro_tokens = xs
+        index, micro_images, micro_tokens, key = xs
         cotangent = {k: split(output_grads[k])[index] for k in per_example}
         # Scale and bias take their gradient once, with the first micro-batch.
         cotangent.update({k: jnp.where(index == 0, output_grads[k], 0.0) for k in shared})
-        _, pullback = jax.vjp(lambda p: embed(p, micro_images, micro_tokens), params)
+        _, pullback = jax.vjp(lambda p: embed(p, micro_images, micro_tokens, key), params)
         return jax.tree.map(jnp.add, grads, pullback(cotangent)[0]), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = lax.scan(backward, zeros, (jnp.arange(micro_batches), images, tokens))
-    return (value, {**per_example, **shared}), grads
+    grads, _ = lax.scan(backward, zeros, (jnp.arange(micro_batches), images, tokens, keys))
+    return (value, (aux, {**per_example, **shared})), grads

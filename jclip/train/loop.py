@@ -1,6 +1,5 @@
 """The training loop: data, model, sharded steps, logging, checkpoints, final evaluation."""
 
-import json
 import os
 import signal
 import time
@@ -19,9 +18,12 @@ from jclip.data.sources import build_source
 from jclip.data.tokenizer import Tokenizer
 from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate.shapes_benchmark import evaluate_and_report, evaluate_shapes, flatten
+from jclip.models.summary import training_flops_per_pair
+from jclip.train.metrics_writer import MetricsWriter
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule
-from jclip.train.state import TrainState, abstract_train_state, create_train_state
+from jclip.train.state import TrainState, abstract_train_state, create_train_state, parameter_specs, state_specs
 from jclip.train.step import make_train_step
+from jclip.train.throughput import peak_flops_per_device
 
 
 class StopRequested:
@@ -52,6 +54,36 @@ def check_vocabulary(config: ConfigDict, tokenizer: Tokenizer) -> None:
         )
 
 
+def train_state_specs(config: ConfigDict, model, optimizer, mesh) -> TrainState:
+    """How the config lays out the train state: `parameter_sharding` and whether there is an EMA."""
+    image_shape = (config.data.image_size, config.data.image_size, 3)
+    params = parameter_specs(model, config.parameter_sharding, mesh, image_shape, config.data.text_length)
+    return state_specs(model, optimizer, params, image_shape, config.data.text_length, ema=config.ema_decay > 0)
+
+
+def evaluation_params(state: TrainState):
+    """The EMA of the parameters when the run keeps one, else the parameters."""
+    return state.params if state.ema_params is None else state.ema_params
+
+
+def start_position(record: dict, config: ConfigDict) -> int:
+    """This process's input position from a checkpoint record, also after a change of process count.
+
+    With the same number of processes every process continues exactly where it
+    was. With another number, the examples drawn so far are split evenly over
+    the new processes: the run continues, but the data order cannot be the one
+    an uninterrupted run would have had, since each process reads its own slice.
+    """
+    positions = record["data_position"]
+    if len(positions) == jax.process_count():
+        return positions[jax.process_index()]
+    if jax.process_index() == 0:
+        print(f"The checkpoint was written by {len(positions)} processes and this run has {jax.process_count()}: "
+              "parameters and optimizer state resume exactly; the input continues from an even split of the "
+              "examples drawn so far.")
+    return sum(positions) // jax.process_count()
+
+
 def write_config(config: ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -78,40 +110,54 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
     optimizer = build_optimizer(config)
     schedule = learning_rate_schedule(config)
     image_shape = (config.data.image_size, config.data.image_size, 3)
+    specs = train_state_specs(config, model, optimizer, mesh)
     checkpointer = Checkpointer(workdir, config.model.to_dict(), save_every=config.checkpoint_every,
-                                keep=config.keep_checkpoints)
+                                keep=config.keep_checkpoints, keep_period=config.keep_checkpoint_every)
     if checkpointer.latest_step() is None:
         state = create_train_state(model, optimizer, jax.random.key(config.seed), image_shape,
-                                   config.data.text_length, mesh)
-        start_position = 0
+                                   config.data.text_length, mesh, specs)
+        position = 0
     else:
-        abstract = abstract_train_state(model, optimizer, image_shape, config.data.text_length, mesh)
+        abstract = abstract_train_state(model, optimizer, image_shape, config.data.text_length, mesh, specs)
         state, record = checkpointer.restore(abstract)
-        start_position = record["data_position"][jax.process_index()]
+        position = start_position(record, config)
         print(f"Resuming from {checkpointer.directory} at step {int(state.step)}.")
     start_step = int(state.step)
 
     batches = pipeline.TrainInput(
         sources, tokenizer, mesh, batch_size=config.batch_size, text_length=config.data.text_length,
         seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, image_preprocess=config.data.preprocess,
-        start_position=start_position, negative_kinds=config.data.negative_kinds,
+        start_position=position, negative_kinds=config.data.negative_kinds,
         negative_attributes=config.data.negative_attributes,
     )
-    train_step = make_train_step(model, optimizer, mesh, config.loss, config.micro_batches)
+    train_step = make_train_step(model, optimizer, mesh, specs, config.losses.to_dict(), config.micro_batches,
+                                 config.ema_decay, config.seed)
     end_step = config.total_steps if stop_after is None else min(config.total_steps, start_step + stop_after)
+    flops_per_pair = training_flops_per_pair(model, image_shape, config.data.text_length)
+    peak_flops = peak_flops_per_device(config.peak_flops_per_device)
 
     def record():
         """What an exact resume needs besides the state: every process's input position."""
         positions = multihost_utils.process_allgather(np.int64(batches.position))
         return {"data_position": np.atleast_1d(positions).tolist(), "seed": config.seed}
 
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    def time_to_save() -> bool:
+        """Whether `checkpoint_every_minutes` have passed, as process 0's clock says (all agree)."""
+        due = bool(config.checkpoint_every_minutes) and (
+            checkpointer.minutes_since_save() >= config.checkpoint_every_minutes)
+        return parallel.process_zero_decides(due)
 
-    def log(step, values):
-        if jax.process_index() == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+    writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
 
+    def check_finite(metrics: dict, step: int) -> None:
+        """Stop on a non-finite loss or gradient, unless the optimizer skips such updates."""
+        if config.optimizer.skip_nonfinite or all(np.isfinite([metrics["loss"], metrics["grad_norm"]])):
+            return
+        raise FloatingPointError(
+            f"loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step {step}; the last good "
+            f"checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. Lower the learning "
+            "rate, or set config.optimizer.skip_nonfinite=True to skip such updates."
+        )
     run_start = time.perf_counter()
     with StopRequested() as stop, tqdm(
         total=config.total_steps, initial=start_step, desc="train", unit="step",
@@ -123,32 +169,39 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
             state, metrics = train_step(state, next(batches))
             step += 1
             window_steps += 1
-            checkpointer.save(step, state, record)
-            if step % config.log_every == 0 or step == end_step:
+            logging = step % config.log_every == 0 or step == end_step
+            saving = checkpointer.due(step) or (logging and time_to_save())
+            if logging or saving:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not np.isfinite(metrics["loss"]) and not config.optimizer.skip_nonfinite:
-                    raise FloatingPointError(
-                        f"loss is {metrics['loss']} at step {step}; last good checkpoint: "
-                        f"step {checkpointer.latest_step()} in {checkpointer.directory}"
-                    )
+                check_finite(metrics, step)  # before saving: a checkpoint is never of diverged params
+            if saving:
+                checkpointer.save(step, state, record, force=True)
+            if logging:
                 now = time.perf_counter()
                 metrics["samples_per_second"] = window_steps * config.batch_size / (now - window_start)
+                model_flops = metrics["samples_per_second"] * flops_per_pair / mesh.devices.size
+                metrics["model_tflops_per_device"] = model_flops / 1e12
+                if peak_flops:
+                    metrics["mfu"] = model_flops / peak_flops
                 metrics["learning_rate"] = float(schedule(step - 1))
                 metrics["seconds"] = now - run_start
                 metrics["skipped_examples"] = batches.skipped
                 window_start, window_steps = now, 0
-                log(step, metrics)
+                writer.write(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{metrics['samples_per_second']:.0f}")
             if config.evaluate.every_steps and step % config.evaluate.every_steps == 0 and step < config.total_steps:
-                results = evaluate_shapes(model, state.params, evaluation_data, tokenizer, config, mesh)
-                log(step, {"seconds": time.perf_counter() - run_start, **flatten(results, "eval")})
+                results = evaluate_shapes(model, evaluation_params(state), evaluation_data, tokenizer, config, mesh)
+                writer.write(step, {"seconds": time.perf_counter() - run_start, **flatten(results, "eval")})
             bar.update(1)
     if checkpointer.latest_step() != step:
+        if step > start_step:
+            check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step)
         checkpointer.save(step, state, record, force=True)
     checkpointer.wait()
     checkpointer.close()
+    writer.close()
     if stop.requested:
         print(f"Stopped at step {step} on request; checkpoint saved. Re-run the same command to resume.")
     elif evaluate_at_end and step == config.total_steps:
-        evaluate_and_report(model, state.params, evaluation_data, tokenizer, config, workdir, mesh, step)
+        evaluate_and_report(model, evaluation_params(state), evaluation_data, tokenizer, config, workdir, mesh, step)
     return state

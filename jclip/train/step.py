@@ -1,95 +1,128 @@
-"""The pure, sharded train step: forward, contrastive loss, backward, update."""
+"""The pure, sharded train step: forward, contrastive loss, backward, update.
 
-from typing import Callable
+The forward and backward passes are per-device code under `jax.shard_map`: each
+device embeds its shard of the batch and the losses gather the embeddings over
+the `data` axis, so loss and gradients are those of the global batch. The
+optimizer update runs on the global arrays under `jax.jit`, where XLA places
+the collectives that global-norm clipping, LAMB's trust ratios or Adafactor's
+factored moments need when parameters are sharded (FSDP).
+"""
+
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import optax
+from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jclip import losses
+from jclip import losses, parallel
+from jclip.models.partitioning import gather_on_use
 from jclip.parallel import DATA_AXIS
 from jclip.train.gradient_cache import cached_loss_and_gradients
-from jclip.train.state import TrainState
+from jclip.train.objective import make_objective
+from jclip.train.state import TrainState, named
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+DEFAULT_LOSSES = {"clip": {"weight": 1.0}}
 
 
-def contrastive_loss(name: str) -> Callable[[dict, str], jax.Array]:
-    """The loss `name` as a function of the model outputs and the mesh axis."""
-    if name == "clip":
-        return lambda out, axis: losses.clip_loss(out["zimg"], out["ztxt"], out["scale"], axis_name=axis)
-    if name == "siglip":
-        return lambda out, axis: losses.siglip_loss(
-            out["zimg"], out["ztxt"], out["scale"], out["bias"], axis_name=axis
-        )
-    raise ValueError(f"unknown loss {name!r}; use 'clip' or 'siglip'")
+def _replicated_specs(params: Any) -> Any:
+    return jax.tree.map(lambda _: P(), params)
 
 
-def _loss_and_gradients(model: nn.Module, loss: str, micro_batches: int = 1):
-    """Per-device `(params, batch) -> ((loss, outputs), grads)` for use under shard_map.
+def make_gradient_function(model: nn.Module, mesh: Mesh, param_specs: Any,
+                           loss_spec: Optional[Mapping[str, Mapping[str, Any]]] = None, micro_batches: int = 1):
+    """`(params, batch, rng) -> (metrics, grads)` over `mesh`, for use under `jax.jit`.
 
-    The loss gathers the embeddings over the `data` axis, so its value is that of
-    the global batch; with replicated params, shard_map's replication checking
-    makes the gradient the global one too (the transpose of the implicit
-    broadcast of the params sums the per-device contributions). With
-    `micro_batches > 1` the same gradient is computed by gradient caching, with
-    the activation memory of one micro-batch.
+    `params` and `grads` are laid out as `param_specs` say (replicated, or FSDP
+    shards gathered per layer on use); `metrics` hold the global-batch loss and
+    its terms, scale (and bias), in-batch accuracy and embedding geometry. With
+    `micro_batches > 1` the same gradient comes from gradient caching, with one
+    micro-batch's activation memory. `rng` drives patch dropout; each device and
+    micro-batch folds in its own index.
     """
-    loss_fn = contrastive_loss(loss)
+    objective = make_objective(loss_spec or DEFAULT_LOSSES, DATA_AXIS, has_bias=getattr(model, "init_bias", None) is not None)
 
-    def embed(params, images, tokens):
-        return model.apply({"params": params}, images, tokens)
+    def embed(params, images, tokens, rng):
+        variables = {"params": gather_on_use(params, param_specs, DATA_AXIS)}
+        return model.apply(variables, images, tokens, train=True, rngs={"patch_dropout": rng})
 
-    if micro_batches > 1:
-        return lambda params, batch: cached_loss_and_gradients(
-            embed, lambda out: loss_fn(out, DATA_AXIS), params, batch["image"], batch["tokens"], micro_batches
-        )
+    def per_device(params, batch, rng):
+        rng = jax.random.fold_in(rng, lax.axis_index(DATA_AXIS))
+        images, tokens = batch["image"], batch["tokens"]
+        if micro_batches > 1:
+            (value, (terms, out)), grads = cached_loss_and_gradients(
+                embed, objective, params, images, tokens, rng, micro_batches)
+        else:
+            def total_loss(params):
+                out = embed(params, images, tokens, rng)
+                value, terms = objective(out)
+                return value, (terms, out)
 
-    def objective(params, batch):
-        out = embed(params, batch["image"], batch["tokens"])
-        return loss_fn(out, DATA_AXIS), out
+            (value, (terms, out)), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
+        accuracy = losses.top1_accuracy(out["zimg"], out["ztxt"], axis_name=DATA_AXIS)
+        metrics = {
+            "loss": value, **(terms if len(terms) > 1 else {}), "scale": out["scale"],
+            **({"bias": out["bias"]} if "bias" in out else {}),
+            **{f"accuracy_{direction}": v for direction, v in accuracy.items()},
+            **losses.embedding_geometry(out["zimg"], out["ztxt"], axis_name=DATA_AXIS),
+        }
+        return metrics, grads
 
-    return jax.value_and_grad(objective, has_aux=True)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(param_specs, P(DATA_AXIS), P()),
+                         out_specs=(P(), param_specs))
 
 
-def make_gradient_step(model: nn.Module, mesh: Mesh, loss: str = "clip", micro_batches: int = 1):
-    """A jitted `(params, batch) -> (loss, grads)` over `mesh`: the global-batch loss and gradients."""
-    gradients = _loss_and_gradients(model, loss, micro_batches)
+def make_gradient_step(model: nn.Module, mesh: Mesh, loss_spec=None, micro_batches: int = 1,
+                       param_specs: Any = None):
+    """A jitted `(params, batch) -> (loss, grads)` over `mesh`: the global-batch loss and gradients.
 
-    def per_device(params, batch):
-        (value, _), grads = gradients(params, batch)
-        return value, grads
+    `param_specs` default to replicated parameters.
+    """
 
-    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P())))
+    def step(params, batch):
+        specs = _replicated_specs(params) if param_specs is None else param_specs
+        gradients = make_gradient_function(model, mesh, specs, loss_spec, micro_batches)
+        metrics, grads = gradients(params, batch, jax.random.key(0))
+        return metrics["loss"], grads
+
+    return jax.jit(step)
 
 
 def make_train_step(
-    model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh, loss: str = "clip",
-    micro_batches: int = 1,
+    model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh, specs: Optional[TrainState] = None,
+    loss_spec: Optional[Mapping[str, Mapping[str, Any]]] = None, micro_batches: int = 1,
+    ema_decay: float = 0.0, seed: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """A jitted `(state, batch) -> (state, metrics)` that is data-parallel over `mesh`.
+    """A jitted `(state, batch) -> (state, metrics)` over `mesh`, the state laid out as `specs`
+    (from `jclip.train.state.state_specs`; default: replicated, no EMA).
 
-    `micro_batches > 1` computes the same gradient by gradient caching. The
-    state is donated: do not reuse the one passed in.
+    After the update, `scale` is clamped at the model's `max_scale`, and the EMA
+    of the parameters (when the state has one) moves by `1 - ema_decay` towards
+    them. The state is donated: do not reuse the one passed in.
     """
-    gradients = _loss_and_gradients(model, loss, micro_batches)
+    max_scale = getattr(model, "max_scale", None)
 
-    def per_device(state: TrainState, batch: Batch):
-        (value, out), grads = gradients(state.params, batch)
+    def step(state: TrainState, batch: Batch):
+        gradients = make_gradient_function(model, mesh, _state_specs(state).params, loss_spec, micro_batches)
+        metrics, grads = gradients(state.params, batch, jax.random.fold_in(jax.random.key(seed), state.step))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if model.max_scale is not None:
-            params = {**params, "logit_scale": losses.clamp_log_scale(params["logit_scale"], model.max_scale)}
-        metrics = {
-            "loss": value,
-            "scale": out["scale"],
-            "grad_norm": optax.tree.norm(grads),
-            **{f"accuracy_{direction}": value for direction, value in
-               losses.top1_accuracy(out["zimg"], out["ztxt"], axis_name=DATA_AXIS).items()},
-        }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        if max_scale is not None:
+            params = {**params, "logit_scale": losses.clamp_log_scale(params["logit_scale"], max_scale)}
+        ema_params = state.ema_params
+        if ema_params is not None:
+            ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema_params, params)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=0)
+    def _state_specs(state):
+        return specs if specs is not None else jax.tree.map(lambda _: P(), state)
+
+    if specs is None:
+        return jax.jit(step, donate_argnums=0)
+    shardings = named(specs, mesh)
+    return jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)

@@ -1,0 +1,173 @@
+"""The train step's options: FSDP, the configured objective, EMA, patch dropout, bf16, geometry metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config
+from jclip import losses, models, parallel
+from jclip.train.objective import make_objective
+from jclip.train.optimizer import build_optimizer
+from jclip.train.state import create_train_state, named, parameter_specs, state_specs
+from jclip.train.step import make_gradient_step, make_train_step
+from test_train import random_batch
+
+IMAGE_SHAPE, LENGTH = (32, 32, 3), 16
+
+
+def assert_trees_close(actual, expected, rtol=1e-4):
+    largest = max(float(np.abs(x).max()) for x in jax.tree.leaves(expected))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-6 * largest),
+                 jax.device_get(actual), jax.device_get(expected))
+
+
+def init_params(model, batch):
+    return model.init(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
+
+
+@pytest.mark.parametrize("devices,micro_batches", [(2, 1), (8, 1), (8, 2)])
+def test_fsdp_gradients_equal_single_device_gradients(devices, micro_batches):
+    model = models.create("test-micro")
+    batch = random_batch(16)
+    params = init_params(model, batch)
+    expected_loss, expected = make_gradient_step(model, parallel.make_mesh(1))(params, batch)
+    mesh = parallel.make_mesh(devices)
+    specs = parameter_specs(model, "fsdp", mesh, IMAGE_SHAPE, LENGTH)
+    sharded = [s for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)) if s]
+    assert len(sharded) > 10  # most kernels and embeddings are split over the devices
+    step = make_gradient_step(model, mesh, micro_batches=micro_batches, param_specs=specs)
+    loss, grads = step(jax.device_put(params, named(specs, mesh)), parallel.global_batch(batch, mesh))
+    kernel = grads["image_tower"]["encoder"]["block_0"]["mlp"]["fc"]["kernel"]
+    expected_sharding = named(specs, mesh)["image_tower"]["encoder"]["block_0"]["mlp"]["fc"]["kernel"]
+    assert kernel.sharding.is_equivalent_to(expected_sharding, kernel.ndim) and not kernel.sharding.is_fully_replicated
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    assert_trees_close(grads, expected)
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "lamb", "adafactor"])
+def test_fsdp_training_equals_data_parallel_training(optimizer_name):
+    """Sharded optimizer state, global-norm clipping, LAMB's trust ratios: all as with replicated params."""
+    config = load_config("shapes_tiny")
+    config.optimizer.name = optimizer_name
+    config.optimizer.grad_clip_norm = 0.05  # small enough to clip: the global norm spans all shards
+    config.optimizer.warmup_steps = 1
+    config.total_steps = 10
+    model = models.create("test-micro")
+    optimizer = build_optimizer(config)
+    mesh = parallel.make_mesh(8)
+    results = {}
+    for sharding in ("replicated", "fsdp"):
+        specs = state_specs(model, optimizer, parameter_specs(model, sharding, mesh, IMAGE_SHAPE, LENGTH),
+                            IMAGE_SHAPE, LENGTH, ema=False)
+        state = create_train_state(model, optimizer, jax.random.key(0), IMAGE_SHAPE, LENGTH, mesh, specs)
+        step = make_train_step(model, optimizer, mesh, specs)
+        for seed in range(3):
+            state, metrics = step(state, parallel.global_batch(random_batch(16, seed=seed), mesh))
+        results[sharding] = (jax.device_get(state.params), float(metrics["grad_norm"]))
+        if sharding == "fsdp" and optimizer_name != "adafactor":
+            moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim == 2 and x.shape[-1] % 8 == 0]
+            assert any(not x.sharding.is_fully_replicated for x in moments)
+    assert results["replicated"][1] > config.optimizer.grad_clip_norm
+    np.testing.assert_allclose(results["fsdp"][1], results["replicated"][1], rtol=1e-4)
+    assert_trees_close(results["fsdp"][0], results["replicated"][0], rtol=1e-3)
+
+
+def test_objective_is_the_weighted_sum_of_configured_losses():
+    rng = np.random.default_rng(0)
+    zimg, ztxt = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in rng.normal(size=(2, 8, 4)))
+    out = {"zimg": jnp.asarray(zimg), "ztxt": jnp.asarray(ztxt), "scale": 10.0, "bias": -3.0}
+    objective = make_objective({"clip": {"weight": 0.5, "label_smoothing": 0.1}, "siglip": {"weight": 2.0}},
+                               axis_name=None, has_bias=True)
+    total, terms = objective(out)
+    clip = losses.clip_loss(out["zimg"], out["ztxt"], 10.0, label_smoothing=0.1)
+    siglip = losses.siglip_loss(out["zimg"], out["ztxt"], 10.0, -3.0)
+    np.testing.assert_allclose(terms["loss_clip"], clip, rtol=1e-6)
+    np.testing.assert_allclose(total, 0.5 * clip + 2.0 * siglip, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown loss 'infonce'.*'clip', 'siglip'"):
+        make_objective({"infonce": {}}, None, has_bias=False)
+    with pytest.raises(ValueError, match="needs a learnable bias: set config.model.init_bias"):
+        make_objective({"siglip": {}}, None, has_bias=False)
+
+
+def test_sigmoid_objective_trains_the_bias_with_a_ring_loss():
+    model = models.create("test-micro", init_bias=-10.0, init_scale=10.0)
+    batch = random_batch(16)
+    params = init_params(model, batch)
+    loss_spec = {"siglip": {"weight": 1.0, "ring": True}}
+    loss_1, grads_1 = make_gradient_step(model, parallel.make_mesh(1), loss_spec)(params, batch)
+    mesh = parallel.make_mesh(8)
+    loss_8, grads_8 = make_gradient_step(model, mesh, loss_spec)(params, parallel.global_batch(batch, mesh))
+    np.testing.assert_allclose(loss_8, loss_1, rtol=1e-5)
+    assert abs(float(grads_1["logit_bias"])) > 0
+    assert_trees_close(grads_8, grads_1)
+
+
+def test_ema_follows_the_parameters():
+    config = load_config("shapes_tiny")
+    model = models.create("test-micro")
+    optimizer = build_optimizer(config)
+    mesh = parallel.make_mesh(2)
+    specs = state_specs(model, optimizer, parameter_specs(model, "replicated", mesh, IMAGE_SHAPE, LENGTH),
+                        IMAGE_SHAPE, LENGTH, ema=True)
+    state = create_train_state(model, optimizer, jax.random.key(0), IMAGE_SHAPE, LENGTH, mesh, specs)
+    initial = jax.device_get(state.params)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.ema_params), initial)
+    step = make_train_step(model, optimizer, mesh, specs, ema_decay=0.9)
+    expected = initial
+    for seed in range(3):
+        state, _ = step(state, parallel.global_batch(random_batch(8, seed=seed), mesh))
+        expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, expected, jax.device_get(state.params))
+    jax.tree.map(lambda e, x: np.testing.assert_allclose(e, x, rtol=1e-5, atol=1e-7),
+                 jax.device_get(state.ema_params), expected)
+    params, ema = jax.device_get((state.params, state.ema_params))
+    assert not np.allclose(params["text_tower"]["proj"]["kernel"], initial["text_tower"]["proj"]["kernel"])
+    assert not np.allclose(ema["text_tower"]["proj"]["kernel"], params["text_tower"]["proj"]["kernel"])
+
+
+def test_patch_dropout_and_bfloat16_train():
+    """Patch dropout draws a new mask each step (the step's rng) and bf16 compute trains."""
+    batch = random_batch(16)
+    config = load_config("shapes_tiny")
+    mesh = parallel.make_mesh(2)
+    for dtype in ("float32", "bfloat16"):
+        plain = models.create("test-micro", dtype=dtype)
+        dropped = models.create("test-micro", dtype=dtype,
+                                vision={**models.model_config("test-micro")["vision"], "patch_dropout": 0.5})
+        optimizer = build_optimizer(config)
+        grads = {}
+        for name, model in (("plain", plain), ("dropped", dropped)):
+            _, grads[name] = make_gradient_step(model, mesh)(init_params(model, batch),
+                                                             parallel.global_batch(batch, mesh))
+        assert not np.allclose(grads["plain"]["image_tower"]["pos_embedding"],
+                               grads["dropped"]["image_tower"]["pos_embedding"])
+        state = create_train_state(dropped, optimizer, jax.random.key(0), IMAGE_SHAPE, LENGTH, mesh)
+        step = make_train_step(dropped, optimizer, mesh)
+        losses_seen = []
+        for _ in range(2):  # the same batch twice: a new dropout mask makes another loss
+            state, metrics = step(state, parallel.global_batch(batch, mesh))
+            losses_seen.append(float(metrics["loss"]))
+        assert np.all(np.isfinite(losses_seen)) and losses_seen[0] != losses_seen[1]
+
+
+def test_embedding_geometry_matches_numpy_and_is_the_same_sharded():
+    rng = np.random.default_rng(1)
+    zimg, ztxt = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in rng.normal(size=(2, 16, 6)))
+    zimg = zimg + 0.3  # a gap between the modalities
+    geometry = losses.embedding_geometry(jnp.asarray(zimg), jnp.asarray(ztxt))
+
+    def uniformity(u):
+        squared = ((u[:, None] - u[None]) ** 2).sum(-1)
+        return np.log(np.exp(-2 * squared)[~np.eye(len(u), dtype=bool)].mean())
+
+    expected = {"alignment": ((zimg - ztxt) ** 2).sum(1).mean(), "uniformity_image": uniformity(zimg),
+                "uniformity_text": uniformity(ztxt),
+                "modality_gap": np.linalg.norm(zimg.mean(0) - ztxt.mean(0))}
+    for name, value in expected.items():
+        np.testing.assert_allclose(geometry[name], value, rtol=1e-5, err_msg=name)
+    mesh = parallel.make_mesh(8)
+    sharded = jax.jit(jax.shard_map(lambda a, b: losses.embedding_geometry(a, b, axis_name="data"), mesh=mesh,
+                                    in_specs=(jax.sharding.PartitionSpec("data"),) * 2,
+                                    out_specs=jax.sharding.PartitionSpec()))(zimg, ztxt)
+    for name, value in expected.items():
+        np.testing.assert_allclose(sharded[name], value, rtol=1e-5, err_msg=name)
