@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, load_config
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer, ModelMismatchError
+from jclip.data import pipeline
 from jclip.evaluate.from_checkpoint import evaluate_checkpoint
 from jclip.train.loop import train
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule, weight_decay_mask
@@ -122,14 +123,28 @@ def test_checkpoint_restores_identical_state(tiny_config, tmp_path):
     assert_trees_equal(restored.opt_state, final.opt_state)
 
 
-def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
+def test_run_stopped_by_sigterm_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    """2N steps straight equal N steps + SIGTERM + restart + N steps: params, optimizer state, data position."""
     uninterrupted = train(tiny_config, str(tmp_path / "a"), evaluate_at_end=False)
+    _, uninterrupted_record = restore_params(tiny_config, str(tmp_path / "a"))
+    original, calls = pipeline.TrainInput.__next__, []
+
+    def preempted_at_step_6(self):  # the signal arrives while step 6 runs
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(pipeline.TrainInput, "__next__", preempted_at_step_6)
     workdir = str(tmp_path / "b")
-    stopped = train(tiny_config, workdir, evaluate_at_end=False, stop_after=5)
-    assert int(stopped.step) == 5
+    stopped = train(tiny_config, workdir, evaluate_at_end=False)
+    assert int(stopped.step) == 6 == tiny_config.total_steps // 2
+    monkeypatch.setattr(pipeline.TrainInput, "__next__", original)
     resumed = train(tiny_config, workdir, evaluate_at_end=False)
     assert int(resumed.step) == tiny_config.total_steps
     assert_trees_equal(resumed.params, uninterrupted.params)
+    assert_trees_equal(resumed.opt_state, uninterrupted.opt_state)
+    assert restore_params(tiny_config, workdir)[1]["data_position"] == uninterrupted_record["data_position"]
     steps = [m["step"] for m in read_metrics(workdir)]  # no step logged twice
     assert steps == sorted(set(steps)) and steps[-1] == tiny_config.total_steps
 

@@ -158,48 +158,50 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
             f"checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. Lower the learning "
             "rate, or set config.optimizer.skip_nonfinite=True to skip such updates."
         )
-    run_start = time.perf_counter()
-    with StopRequested() as stop, tqdm(
-        total=config.total_steps, initial=start_step, desc="train", unit="step",
-        disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0,
-    ) as bar:
-        step = start_step
-        window_start, window_steps = time.perf_counter(), 0
-        while step < end_step and not stop.requested:
-            state, metrics = train_step(state, next(batches))
-            step += 1
-            window_steps += 1
-            logging = step % config.log_every == 0 or step == end_step
-            saving = checkpointer.due(step) or (logging and time_to_save())
-            if logging or saving:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                check_finite(metrics, step)  # before saving: a checkpoint is never of diverged params
-            if saving:
-                checkpointer.save(step, state, record, force=True)
-            if logging:
-                now = time.perf_counter()
-                metrics["samples_per_second"] = window_steps * config.batch_size / (now - window_start)
-                model_flops = metrics["samples_per_second"] * flops_per_pair / mesh.devices.size
-                metrics["model_tflops_per_device"] = model_flops / 1e12
-                if peak_flops:
-                    metrics["mfu"] = model_flops / peak_flops
-                metrics["learning_rate"] = float(schedule(step - 1))
-                metrics["seconds"] = now - run_start
-                metrics["skipped_examples"] = batches.skipped
-                window_start, window_steps = now, 0
-                writer.write(step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{metrics['samples_per_second']:.0f}")
-            if config.evaluate.every_steps and step % config.evaluate.every_steps == 0 and step < config.total_steps:
-                results = evaluate_shapes(model, evaluation_params(state), evaluation_data, tokenizer, config, mesh)
-                writer.write(step, {"seconds": time.perf_counter() - run_start, **flatten(results, "eval")})
-            bar.update(1)
-    if checkpointer.latest_step() != step:
-        if step > start_step:
-            check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step)
-        checkpointer.save(step, state, record, force=True)
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+    try:  # pending saves of good states complete even when the run stops on an error
+        run_start = time.perf_counter()
+        with StopRequested() as stop, tqdm(
+            total=config.total_steps, initial=start_step, desc="train", unit="step",
+            disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0,
+        ) as bar:
+            step = start_step
+            window_start, window_steps = time.perf_counter(), 0
+            while step < end_step and not stop.requested:
+                state, metrics = train_step(state, next(batches))
+                step += 1
+                window_steps += 1
+                logging = step % config.log_every == 0 or step == end_step
+                saving = checkpointer.due(step) or (logging and time_to_save())
+                if logging or saving:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    check_finite(metrics, step)  # before saving: a checkpoint is never of diverged params
+                if saving:
+                    checkpointer.save(step, state, record, force=True)
+                if logging:
+                    now = time.perf_counter()
+                    metrics["samples_per_second"] = window_steps * config.batch_size / (now - window_start)
+                    model_flops = metrics["samples_per_second"] * flops_per_pair / mesh.devices.size
+                    metrics["model_tflops_per_device"] = model_flops / 1e12
+                    if peak_flops:
+                        metrics["mfu"] = model_flops / peak_flops
+                    metrics["learning_rate"] = float(schedule(step - 1))
+                    metrics["seconds"] = now - run_start
+                    metrics["skipped_examples"] = batches.skipped
+                    window_start, window_steps = now, 0
+                    writer.write(step, metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{metrics['samples_per_second']:.0f}")
+                if config.evaluate.every_steps and step % config.evaluate.every_steps == 0 and step < config.total_steps:
+                    results = evaluate_shapes(model, evaluation_params(state), evaluation_data, tokenizer, config, mesh)
+                    writer.write(step, {"seconds": time.perf_counter() - run_start, **flatten(results, "eval")})
+                bar.update(1)
+        if checkpointer.latest_step() != step:
+            if step > start_step:
+                check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step)
+            checkpointer.save(step, state, record, force=True)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
     if stop.requested:
         print(f"Stopped at step {step} on request; checkpoint saved. Re-run the same command to resume.")
     elif evaluate_at_end and step == config.total_steps:
