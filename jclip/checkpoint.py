@@ -40,6 +40,7 @@ class Checkpointer:
                  keep_period: Optional[int] = None):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.model = model
+        self.save_every = save_every
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -58,22 +59,22 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def due(self, step: int) -> bool:
-        """Whether a save is due at `step` by the step interval."""
-        return self.manager.should_save(step)
+        """Whether a save is due at `step` by the step interval (the same answer on every process)."""
+        return step % self.save_every == 0
 
     def save(self, step: int, state: Any, record: Callable[[], dict], *, force: bool = False) -> bool:
         """Start saving `state` and `record()` at `step` if due (or `force`); returns whether it saves.
 
         `record` is called only when a save happens (it may need a collective across processes).
         """
-        if not (force or self.manager.should_save(step)):
+        if not (force or self.due(step)):
             return False
         record = {**record(), "model": self.model, "step": step}
         self.last_save_time = time.monotonic()
         return self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),
-            force=force,
+            force=True,  # the decision is ours (due / force); orbax's policies would add a save at the first step
         )
 
     def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:

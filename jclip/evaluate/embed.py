@@ -20,7 +20,7 @@ def embed_all(encode: Callable, params, inputs: np.ndarray, batch_size: int, mes
     """
     parallel.check_batch_size(batch_size, mesh, what="config.evaluate.batch_size")
     sharding = parallel.batch_sharding(mesh)
-    encode = jax.jit(encode, in_shardings=(parallel.replicated(mesh), sharding), out_shardings=sharding)
+    encode = jax.jit(encode, out_shardings=sharding)  # params keep their layout (replicated or FSDP)
     outputs = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]

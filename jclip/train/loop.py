@@ -23,7 +23,7 @@ from jclip.train.metrics_writer import MetricsWriter
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule
 from jclip.train.state import TrainState, abstract_train_state, create_train_state, parameter_specs, state_specs
 from jclip.train.step import make_train_step
-from jclip.train.throughput import peak_flops_per_device
+from jclip.train.throughput import ThroughputMeter, peak_flops_per_device
 
 
 class StopRequested:
@@ -133,8 +133,8 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
     train_step = make_train_step(model, optimizer, mesh, specs, config.losses.to_dict(), config.micro_batches,
                                  config.ema_decay, config.seed)
     end_step = config.total_steps if stop_after is None else min(config.total_steps, start_step + stop_after)
-    flops_per_pair = training_flops_per_pair(model, image_shape, config.data.text_length)
-    peak_flops = peak_flops_per_device(config.peak_flops_per_device)
+    throughput = ThroughputMeter(config.batch_size, training_flops_per_pair(model, image_shape, config.data.text_length),
+                                 mesh.devices.size, peak_flops_per_device(config.peak_flops_per_device))
 
     def record():
         """What an exact resume needs besides the state: every process's input position."""
@@ -165,11 +165,10 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
             disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0,
         ) as bar:
             step = start_step
-            window_start, window_steps = time.perf_counter(), 0
             while step < end_step and not stop.requested:
                 state, metrics = train_step(state, next(batches))
                 step += 1
-                window_steps += 1
+                throughput.step()
                 logging = step % config.log_every == 0 or step == end_step
                 saving = checkpointer.due(step) or (logging and time_to_save())
                 if logging or saving:
@@ -178,16 +177,8 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
                 if saving:
                     checkpointer.save(step, state, record, force=True)
                 if logging:
-                    now = time.perf_counter()
-                    metrics["samples_per_second"] = window_steps * config.batch_size / (now - window_start)
-                    model_flops = metrics["samples_per_second"] * flops_per_pair / mesh.devices.size
-                    metrics["model_tflops_per_device"] = model_flops / 1e12
-                    if peak_flops:
-                        metrics["mfu"] = model_flops / peak_flops
-                    metrics["learning_rate"] = float(schedule(step - 1))
-                    metrics["seconds"] = now - run_start
-                    metrics["skipped_examples"] = batches.skipped
-                    window_start, window_steps = now, 0
+                    metrics.update(throughput.read(), learning_rate=float(schedule(step - 1)),
+                                   seconds=time.perf_counter() - run_start, skipped_examples=batches.skipped)
                     writer.write(step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{metrics['samples_per_second']:.0f}")
                 if config.evaluate.every_steps and step % config.evaluate.every_steps == 0 and step < config.total_steps:

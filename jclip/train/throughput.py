@@ -6,6 +6,7 @@ or gradient caching's extra forward pass, so MFU compares recipes fairly
 (Chowdhery et al. 2022, PaLM, appendix B).
 """
 
+import time
 from typing import Optional
 
 import jax
@@ -35,3 +36,25 @@ def peak_flops_per_device(override: Optional[float] = None) -> Optional[float]:
         if name in kind:
             return flops
     return None
+
+
+class ThroughputMeter:
+    """Samples/s, model TFLOP/s per device and MFU over the steps since the last reading."""
+
+    def __init__(self, batch_size: int, flops_per_pair: float, devices: int, peak_flops: Optional[float]):
+        self.batch_size, self.flops_per_pair = batch_size, flops_per_pair
+        self.devices, self.peak_flops = devices, peak_flops
+        self.start, self.steps = time.perf_counter(), 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        now = time.perf_counter()
+        samples_per_second = self.steps * self.batch_size / (now - self.start)
+        flops = samples_per_second * self.flops_per_pair / self.devices
+        self.start, self.steps = now, 0
+        out = {"samples_per_second": samples_per_second, "model_tflops_per_device": flops / 1e12}
+        if self.peak_flops:
+            out["mfu"] = flops / self.peak_flops
+        return out

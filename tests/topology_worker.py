@@ -1,0 +1,58 @@
+"""One process of a training job on a given topology, for tests: train steps on fixed batches.
+
+    python tests/topology_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS WORKDIR END_STEP SHARDING
+
+Resumes from the checkpoint in WORKDIR if there is one, trains to END_STEP on the
+global batches `random_batch(16, seed=step)` (each process feeding its rows),
+saves a checkpoint, and process 0 writes the parameters to WORKDIR/params.npz.
+"""
+
+import os
+import sys
+
+process_id, num_processes, port, devices, workdir, end_step, sharding = sys.argv[1:8]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+
+if int(num_processes) > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=int(num_processes),
+                               process_id=int(process_id))
+
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+from conftest import load_config  # noqa: E402
+from jclip import models, parallel  # noqa: E402
+from jclip.checkpoint import Checkpointer  # noqa: E402
+from jclip.train.optimizer import build_optimizer  # noqa: E402
+from jclip.train.state import abstract_train_state, create_train_state, parameter_specs, state_specs  # noqa: E402
+from jclip.train.step import make_train_step  # noqa: E402
+from test_train import random_batch  # noqa: E402
+
+IMAGE_SHAPE, LENGTH, BATCH = (32, 32, 3), 16, 16
+config = load_config("shapes_tiny")
+config.optimizer.warmup_steps = 1
+model = models.create("test-micro")
+optimizer = build_optimizer(config)
+mesh = parallel.make_mesh()
+specs = state_specs(model, optimizer, parameter_specs(model, sharding, mesh, IMAGE_SHAPE, LENGTH),
+                    IMAGE_SHAPE, LENGTH, ema=False)
+checkpointer = Checkpointer(workdir, dict(model_config="test-micro"), save_every=1)
+if checkpointer.latest_step() is None:
+    state = create_train_state(model, optimizer, jax.random.key(0), IMAGE_SHAPE, LENGTH, mesh, specs)
+else:
+    state, _ = checkpointer.restore(abstract_train_state(model, optimizer, IMAGE_SHAPE, LENGTH, mesh, specs))
+train_step = make_train_step(model, optimizer, mesh, specs)
+rows = BATCH // jax.process_count()
+for step in range(int(state.step), int(end_step)):
+    batch = random_batch(BATCH, seed=step)
+    local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in batch.items()}
+    state, _ = train_step(state, parallel.global_batch(local, mesh))
+checkpointer.save(int(end_step), state, lambda: {"data_position": [0] * jax.process_count()}, force=True)
+checkpointer.wait()
+checkpointer.close()
+params = multihost_utils.process_allgather(state.params, tiled=True)
+if jax.process_index() == 0:
+    np.savez(os.path.join(workdir, "params.npz"), *jax.tree.leaves(params))
