@@ -77,6 +77,8 @@ def test_compositionality_counts_a_win_only_when_the_true_caption_scores_higher(
 
     results = compositionality(images, captions, embed_texts, attributes, kinds=("swap_attributes", "swap_words"))
     assert results["swap_attributes"] == {"accuracy": 1.0, "count": 2}
+    single = compositionality(images[:1], ["a small red circle"], embed_texts, attributes, kinds=("swap_attributes",))
+    assert single["swap_attributes"]["count"] == 0  # one colour, one size: nothing to swap, left out
 
     bags = [sorted(c.split()) for c in captions]
 

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer
@@ -18,7 +17,7 @@ from jclip.data import pipeline
 from jclip.train.loop import train, train_state_specs
 from jclip.train.optimizer import build_optimizer
 from jclip.train.state import abstract_train_state
-from test_train import assert_trees_equal, cli, read_metrics
+from test_train import assert_trees_equal, cli, read_metrics, saved_config
 
 
 def poison_batch(monkeypatch, at_call: int):
@@ -104,11 +103,6 @@ def micro_run_args(workdir, data_dir, total_steps, *extra):
             "--config.evaluate.dataset=tiny", f"--config.data.data_dir={data_dir}", "--config.model_name=test-micro",
             "--config.data.shuffle_buffer=512", "--config.batch_size=32", f"--config.total_steps={total_steps}",
             "--config.optimizer.warmup_steps=2", *extra]
-
-
-def saved_config(workdir) -> ConfigDict:
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ConfigDict(json.load(f))
 
 
 def test_a_kill_during_an_async_save_leaves_the_last_checkpoint_resumable(tiny_config, tmp_path):

@@ -5,13 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from batches import random_batch
 from conftest import load_config
 from jclip import losses, models, parallel
 from jclip.train.objective import make_objective
 from jclip.train.optimizer import build_optimizer
 from jclip.train.state import create_train_state, named, parameter_specs, state_specs
 from jclip.train.step import make_gradient_step, make_train_step
-from test_train import random_batch
 
 IMAGE_SHAPE, LENGTH = (32, 32, 3), 16
 

@@ -23,13 +23,13 @@ if int(num_processes) > 1:
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
+from batches import random_batch  # noqa: E402
 from conftest import load_config  # noqa: E402
 from jclip import models, parallel  # noqa: E402
 from jclip.checkpoint import Checkpointer  # noqa: E402
 from jclip.train.optimizer import build_optimizer  # noqa: E402
 from jclip.train.state import abstract_train_state, create_train_state, parameter_specs, state_specs  # noqa: E402
 from jclip.train.step import make_train_step  # noqa: E402
-from test_train import random_batch  # noqa: E402
 
 IMAGE_SHAPE, LENGTH, BATCH = (32, 32, 3), 16, 16
 config = load_config("shapes_tiny")
@@ -37,6 +37,7 @@ config.optimizer.warmup_steps = 1
 model = models.create("test-micro")
 optimizer = build_optimizer(config)
 mesh = parallel.make_mesh()
+assert mesh.devices.size == int(num_processes) * int(devices), mesh
 specs = state_specs(model, optimizer, parameter_specs(model, sharding, mesh, IMAGE_SHAPE, LENGTH),
                     IMAGE_SHAPE, LENGTH, ema=False)
 checkpointer = Checkpointer(workdir, dict(model_config="test-micro"), save_every=1)

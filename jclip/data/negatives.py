@@ -58,6 +58,23 @@ def _shuffle_trigrams(words: list[str], rng: np.random.Generator, attributes: di
 _PERTURB = {"swap_attributes": _swap_attributes, "swap_words": _swap_words, "shuffle_trigrams": _shuffle_trigrams}
 
 
+def _check_kinds(kinds: Sequence[str]) -> None:
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown hard-negative kind(s) {sorted(unknown)}; use {list(KINDS)}")
+
+
+def _vocabulary(attributes: Sequence[Sequence[str]]) -> dict[str, int]:
+    return {word.lower(): group for group, words in enumerate(attributes) for word in words}
+
+
+def perturb(caption: str, kind: str, *, seed: int, index: int, attributes: Sequence[Sequence[str]] = ()) -> str:
+    """`caption` perturbed by `kind` alone, drawn from (seed, index); unchanged where `kind` cannot change it."""
+    _check_kinds((kind,))
+    rng = np.random.default_rng([seed, index])
+    return " ".join(_PERTURB[kind](caption.split(), rng, _vocabulary(attributes)))
+
+
 def hard_negatives(caption: str, kinds: Sequence[str], *, seed: int, index: int,
                    attributes: Sequence[Sequence[str]] = ()) -> list[str]:
     """One perturbed caption per entry of `kinds`, each different from `caption` where possible.
@@ -65,11 +82,9 @@ def hard_negatives(caption: str, kinds: Sequence[str], *, seed: int, index: int,
     `attributes` are groups of interchangeable words (colours, sizes, ...); `swap_attributes`
     exchanges two different words of one group.
     """
-    unknown = set(kinds) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown hard-negative kind(s) {sorted(unknown)}; use {list(KINDS)}")
+    _check_kinds(kinds)
     rng = np.random.default_rng([seed, index])
-    vocabulary = {word.lower(): group for group, words in enumerate(attributes) for word in words}
+    vocabulary = _vocabulary(attributes)
     words = caption.split()
     negatives = []
     for kind in kinds:

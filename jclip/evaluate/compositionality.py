@@ -11,13 +11,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jclip.data.negatives import KINDS, hard_negatives
+from jclip.data.negatives import KINDS, perturb
 
 
 def perturbed_captions(captions: Sequence[str], kind: str, attributes: Sequence[Sequence[str]] = (),
                        seed: int = 0) -> list[str]:
-    """One perturbation of `kind` per caption, drawn with (seed, index)."""
-    return [hard_negatives(caption, (kind,), seed=seed, index=index, attributes=attributes)[0]
+    """One perturbation of `kind` per caption, drawn with (seed, index); a caption `kind` cannot change stays."""
+    return [perturb(caption, kind, seed=seed, index=index, attributes=attributes)
             for index, caption in enumerate(captions)]
 
 
