@@ -9,6 +9,7 @@ from typing import Mapping, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -69,6 +70,4 @@ def process_zero_decides(flag: bool) -> bool:
     """Process 0's `flag`, on every process: for decisions that must agree, such as a time-based save."""
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
-
     return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))

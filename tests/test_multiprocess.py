@@ -17,31 +17,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(workdir, data_dir, steps, stop_after=None, processes=2):
+def run_workers(script: str, processes: int, *args) -> None:
+    """`tests/<script> PROCESS_ID NUM_PROCESSES PORT *args` as `processes` processes joined on loopback."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    args = [str(workdir), str(data_dir), str(steps)] + ([str(stop_after)] if stop_after else [])
-    launched = [subprocess.Popen([sys.executable, str(REPO / "tests" / "multiprocess_worker.py"), str(i),
-                                  str(processes), str(port), *args], env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for i in range(processes)]
-    outputs = [p.communicate(timeout=300)[0] for p in launched]
-    for p, output in zip(launched, outputs):
-        assert p.returncode == 0, output[-3000:]
-
-
-def run_topology(workdir, end_step, processes, devices_per_process, sharding):
-    """`tests/topology_worker.py` as `processes` processes of `devices_per_process` devices each."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    launched = [subprocess.Popen([sys.executable, str(REPO / "tests" / "topology_worker.py"), str(i), str(processes),
-                                  str(port), str(devices_per_process), str(workdir), str(end_step), sharding],
+    env.pop("XLA_FLAGS", None)  # each worker sets its own device count
+    launched = [subprocess.Popen([sys.executable, str(REPO / "tests" / script), str(i), str(processes), str(port),
+                                  *map(str, args)],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 for i in range(processes)]
     outputs = [p.communicate(timeout=300)[0] for p in launched]
     for p, output in zip(launched, outputs):
         assert p.returncode == 0, output[-3000:]
+
+
+def run_processes(workdir, data_dir, steps, stop_after=None, processes=2):
+    run_workers("multiprocess_worker.py", processes, workdir, data_dir, steps, *([stop_after] if stop_after else []))
+
+
+def run_topology(workdir, end_step, processes, devices_per_process, sharding):
+    """`tests/topology_worker.py` as `processes` processes of `devices_per_process` devices each."""
+    run_workers("topology_worker.py", processes, devices_per_process, workdir, end_step, sharding)
     return np.load(os.path.join(workdir, "params.npz"))
 
 

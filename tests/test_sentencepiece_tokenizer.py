@@ -7,14 +7,8 @@ import pytest
 import sentencepiece
 
 from jclip.data.sentencepiece_tokenizer import SentencePieceTokenizer
+from test_tokenizer import CAPTIONS
 
-CAPTIONS = [
-    "a small red circle",
-    "a large blue star to the left of a small white cross",
-    "a small orange triangle above a large purple square",
-    "a large green cross below a small yellow circle",
-    "a large white square to the right of a small red star",
-]
 VOCAB_SIZE = 40
 
 

@@ -17,7 +17,7 @@ from jclip import losses
 
 Outputs = dict[str, jax.Array]
 
-# name -> (loss function of the model outputs, the outputs it reads).
+# name -> the loss as a function of the model outputs and the loss's keyword options.
 LOSSES: dict[str, Callable[..., jax.Array]] = {
     "clip": lambda out, **options: losses.clip_loss(out["zimg"], out["ztxt"], out["scale"], **options),
     "siglip": lambda out, **options: losses.siglip_loss(out["zimg"], out["ztxt"], out["scale"], out["bias"],

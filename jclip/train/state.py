@@ -43,9 +43,9 @@ def _init_params(model: nn.Module, rng: jax.Array, image_shape, text_length):
     return meta.unbox(model.init(rng, images, tokens)["params"])
 
 
-def parameter_specs(model: nn.Module, parameter_sharding: str, mesh: Mesh, image_shape: tuple[int, ...],
+def parameter_specs(model: nn.Module, parameter_sharding: str, mesh: Optional[Mesh], image_shape: tuple[int, ...],
                     text_length: int) -> Any:
-    """The PartitionSpec of every parameter under `parameter_sharding` ("replicated" or "fsdp")."""
+    """The PartitionSpec of every parameter under `parameter_sharding` ("replicated" or "fsdp", which needs `mesh`)."""
     if parameter_sharding == "fsdp":
         return fsdp_param_specs(model.clone(logical_axes=True), mesh, *_example_inputs(image_shape, text_length))
     if parameter_sharding == "replicated":
@@ -94,8 +94,8 @@ def named(specs: Any, mesh: Mesh) -> Any:
 def replicated_state_specs(model: nn.Module, optimizer: optax.GradientTransformation,
                            image_shape: tuple[int, ...], text_length: int) -> TrainState:
     """Specs of a plain data-parallel state without EMA: everything replicated."""
-    shapes = jax.eval_shape(lambda: _init_params(model, jax.random.key(0), image_shape, text_length))
-    return state_specs(model, optimizer, jax.tree.map(lambda _: P(), shapes), image_shape, text_length, ema=False)
+    params = parameter_specs(model, "replicated", None, image_shape, text_length)
+    return state_specs(model, optimizer, params, image_shape, text_length, ema=False)
 
 
 def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation, rng: jax.Array,
