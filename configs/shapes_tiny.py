@@ -63,9 +63,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoint_every = placeholder(int)  # also keep, for good, every checkpoint at a multiple of this
 
     config.evaluate = ml_collections.ConfigDict()
-    config.evaluate.dataset = "default"  # the shapes config of the evaluation suite
-    config.evaluate.split = "test"
-    config.evaluate.preprocess = "decode|value_range(-1, 1)"
     config.evaluate.batch_size = 512
     config.evaluate.every_steps = 0  # 0: evaluate only at the end of training
+    config.evaluate.shapes_config = "default"  # the shapes dataset the tasks below read
+    shapes_data = config.evaluate.get_ref("shapes_config")
+    test_images = dict(kind="shapes", config=shapes_data, split="test")
+    # The tasks `python -m jclip.evaluate` and the trainer run (`--tasks` picks some); see jclip.evaluate.tasks.
+    config.evaluate.tasks = ml_collections.ConfigDict()
+    config.evaluate.tasks.shapes = dict(kind="shapes", config=shapes_data, split="test")
+    config.evaluate.tasks.compositionality = dict(kind="compositionality", source=test_images, attributes="shapes")
+    config.evaluate.tasks.shape_probe = dict(kind="linear_probe", dataset="shapes/" + shapes_data, label_key="shape",
+                                             train_split="train[:10%]", test_split="test")
     return config

@@ -69,7 +69,8 @@ class Checkpointer:
         """
         if not (force or self.due(step)):
             return False
-        record = {**record(), "model": self.model, "step": step}
+        record = {**record(), "model": self.model, "step": step,
+                  "has_ema_params": getattr(state, "ema_params", None) is not None}
         self.last_save_time = time.monotonic()
         return self.manager.save(
             step,
@@ -82,7 +83,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        record = self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+        record = self.read_record(step)
         differences = _differences(record.get("model"), self.model)
         if differences:
             raise ModelMismatchError(
@@ -94,6 +95,28 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
         return restored["state"], record
+
+    def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> tuple[Any, dict]:
+        """Only the parameters to evaluate, from a checkpoint of any recipe (optimizer, EMA or not),
+        laid out like `abstract_params`: the EMA of the parameters when the checkpoint has one, else the
+        parameters. Returns them and the checkpoint's record; the model is not checked (see `read_record`)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        record = self.read_record(step)
+        key = "ema_params" if record.get("has_ema_params") else "params"
+        target = {key: abstract_params}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True)))
+        return restored["state"][key], record
+
+    def read_record(self, step: Optional[int] = None) -> dict:
+        """The JSON record saved with the checkpoint at `step` (default: latest): model config, data position."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are committed."""

@@ -47,13 +47,14 @@ def require(name: str) -> None:
         sys.exit(f"error: --{name} is required")
 
 
-def run_command(action: Callable[[ConfigDict, str], object]) -> None:
+def run_command(action: Callable[[ConfigDict, str], object], workdir_required: bool = True) -> None:
     """Run `action(config, workdir)` as a command: flags parsed, `--multihost` joined, bad input in one line."""
 
     def main(argv):
         del argv
         require("config")
-        require("workdir")
+        if workdir_required:
+            require("workdir")
         join_multihost_job()
         try:
             action(FLAGS.config, FLAGS.workdir)

@@ -71,3 +71,30 @@ def process_zero_decides(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's `local` rows, concatenated in process order, on every process.
+
+    The processes may hold different numbers of rows (the same trailing shape and dtype).
+    """
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return local
+    counts = multihost_utils.process_allgather(np.int32(len(local)))
+    padded = np.zeros((int(counts.max()), *local.shape[1:]), local.dtype)
+    padded[: len(local)] = local
+    gathered = multihost_utils.process_allgather(padded)
+    return np.concatenate([rows[:count] for rows, count in zip(gathered, counts)])
+
+
+def gather_strings(local: list[str]) -> list[str]:
+    """Every process's `local` strings, concatenated in process order, on every process."""
+    if jax.process_count() == 1:
+        return list(local)
+    encoded = [s.encode("utf-8") for s in local]
+    width = int(multihost_utils.process_allgather(np.int32(max(map(len, encoded), default=0))).max())
+    rows = np.zeros((len(encoded), width + 1), np.uint8)  # +1: a string never fills its row, so no empty array
+    for row, data in zip(rows, encoded):
+        row[: len(data)] = np.frombuffer(data, np.uint8)
+    return [bytes(row).rstrip(b"\0").decode("utf-8") for row in gather_rows(rows)]

@@ -57,6 +57,6 @@ def tiny_config(shapes_data_dir):
     config.optimizer.warmup_steps = 2
     config.log_every = 2
     config.checkpoint_every = 4
-    config.evaluate.dataset = "tiny"
+    config.evaluate.shapes_config = "tiny"
     config.evaluate.batch_size = 64
     return config

@@ -5,7 +5,6 @@ skipped without it. They build full-size OpenCLIP models with random weights
 (no download) and take about 10 s each on 2 CPU cores.
 """
 
-import functools
 import os
 import subprocess
 import sys
@@ -16,25 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from open_clip_support import import_open_clip
+from open_clip_support import random_open_clip
 from jclip import models
 from jclip.convert import from_open_clip, load_state_dict, save_converted
-
-@functools.lru_cache(maxsize=None)
-def random_open_clip(name):
-    """OpenCLIP's model `name` with random weights and batch-norm statistics (built once per session)."""
-    torch, open_clip = import_open_clip()
-    torch.manual_seed(0)
-    model = open_clip.create_model(name, pretrained=None).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.normal_(1, 0.1)
-                module.bias.normal_(0, 0.1)
-    return torch, model
-
 
 def relative_error(a, b):
     return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
@@ -101,10 +84,15 @@ def test_converted_checkpoint_is_what_the_evaluator_restores(tiny_config, tmp_pa
     params = model.init(jax.random.key(3), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 16), jnp.int32))["params"]
     workdir = str(tmp_path / "converted")
     save_converted(params, "test-micro", workdir, source="weights.pt")
-    results = evaluate_checkpoint(tiny_config, workdir)
-    assert results["step"] == 0 and set(results["zero_shot"]) == {"shape", "colour"}
+    checkpoint = os.path.join(workdir, "checkpoints", "0")
+    tiny_config.model = models.model_config("shapes-tiny")  # the model comes from the checkpoint, not the config
+    results = evaluate_checkpoint(tiny_config, str(tmp_path / "report"), checkpoint=checkpoint, tasks=["shapes"])
+    assert results["step"] == 0 and set(results["tasks"]) == {"shapes"}
+    assert set(results["tasks"]["shapes"]["zero_shot"]) == {"shape", "colour"}
+    assert os.path.exists(tmp_path / "report" / "results.json")
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         save_converted(params, "test-micro", workdir)
+    tiny_config.model = models.model_config("test-micro")
     tiny_config.model.embed_dim = 8
     with pytest.raises(ValueError, match="config.model is not model 'test-micro'"):
         save_converted(params, "test-micro", str(tmp_path / "other"), tiny_config)

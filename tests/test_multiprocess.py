@@ -81,7 +81,7 @@ def test_train_command_joins_a_multihost_job(tmp_path, shapes_data_dir):
     args = ["--config", "configs/shapes_tiny.py", "--workdir", str(tmp_path / "run"), "--multihost",
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
             "--config.data.sources.shapes.config=tiny", "--config.data.tokenizer=shapes/tiny",
-            f"--config.data.data_dir={shapes_data_dir}", "--config.evaluate.dataset=tiny",
+            f"--config.data.data_dir={shapes_data_dir}", "--config.evaluate.shapes_config=tiny",
             "--config.model.vision.depth=1", "--config.model.text.depth=1", "--config.model.vision.width=32",
             "--config.model.text.width=32", "--config.model.vision.stem=patch", "--config.model.vision.num_heads=2",
             "--config.model.text.num_heads=2", "--config.model.embed_dim=16", "--config.batch_size=16",
@@ -90,4 +90,4 @@ def test_train_command_joins_a_multihost_job(tmp_path, shapes_data_dir):
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in launched]
     assert all(p.returncode == 0 for p in launched), outputs[0][-3000:] + outputs[1][-3000:]
-    assert "Zero-shot results" in outputs[0] and "Zero-shot results" not in outputs[1]  # process 0 reports
+    assert "Evaluation of" in outputs[0] and "Evaluation of" not in outputs[1]  # process 0 reports

@@ -11,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from jclip import parallel
-from jclip.data import pipeline, preprocess
+from jclip.data import pipeline, preprocess, prompts
 from jclip.data.sources import build_source, csv_source, tar_source, tfds_source
 from jclip.data.tokenizer import Tokenizer
 
@@ -179,10 +179,13 @@ def test_classification_source_on_mock_imagenet():
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=20):
-        source = tfds_source("imagenet2012", split="train", caption_key=None, label_key="label", templates="simple")
+        source = tfds_source("imagenet2012", split="train", caption_key=None, label_key="label", templates="simple",
+                             class_names_from="imagenet")
         captions = [c.decode() for c in source.examples.map(lambda ex: ex["captions"]).unbatch().as_numpy_iterator()]
     assert source.num_examples == 20 and len(captions) == 20 * 7
-    assert all(c.startswith("a ") and "{}" not in c for c in captions)
+    names = prompts.imagenet_class_names()
+    filled = {template.format(name) for template in prompts.templates("simple") for name in names}
+    assert set(captions) <= filled
 
 
 def test_converted_arrayrecord_dataset_reads_like_the_csv(csv_file, tmp_path, tokenizer):

@@ -85,12 +85,17 @@ def test_short_run_lowers_loss_and_evaluates(tiny_config, tmp_path):
     losses = [m["loss"] for m in lines if "loss" in m]
     assert len(losses) == 8
     assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
-    assert [m["step"] for m in lines if "eval/zero_shot/shape/all" in m] == [20]
+    evaluations = [m for m in lines if "eval/shapes/zero_shot/shape/all" in m]
+    assert [m["step"] for m in evaluations] == [20]
+    assert {"eval/compositionality/swap_attributes/accuracy", "eval/shape_probe/full/best"} <= set(evaluations[0])
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
-    assert results["step"] == 40
-    assert set(results["zero_shot"]) == {"shape", "colour"}
-    assert 0.0 <= results["retrieval"]["image_to_text"]["R@1"] <= results["retrieval"]["image_to_text"]["R@5"] <= 1.0
+    assert results["step"] == 40 and set(results["tasks"]) == set(tiny_config.evaluate.tasks)
+    shapes_results = results["tasks"]["shapes"]
+    assert set(shapes_results["zero_shot"]) == {"shape", "colour"}
+    image_to_text = shapes_results["retrieval"]["image_to_text"]
+    assert 0.0 <= image_to_text["R@1"] <= image_to_text["R@5"] <= 1.0
+    assert os.path.exists(os.path.join(workdir, "plots", "compositionality.png"))
     os.remove(os.path.join(workdir, "results.json"))
     assert evaluate_checkpoint(tiny_config, workdir) == results  # what `python -m jclip.evaluate` does
 
@@ -180,7 +185,7 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
 def test_sigterm_saves_and_rerun_resumes(tiny_config, tmp_path, capsys):
     workdir = str(tmp_path / "run")
     args = ["--workdir", workdir, "--config.data.sources.shapes.config=tiny", "--config.data.tokenizer=shapes/tiny",
-            "--config.evaluate.dataset=tiny",
+            "--config.evaluate.shapes_config=tiny",
             f"--config.data.data_dir={tiny_config.data.data_dir}", "--config.model_name=test-micro",
             "--config.model.vision.depth=1", "--config.model.text.depth=1", "--config.model.vision.width=32",
             "--config.model.text.width=32", "--config.model.vision.stem=patch", "--config.model.vision.num_heads=2",

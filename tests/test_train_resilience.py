@@ -100,7 +100,7 @@ def test_time_based_and_kept_checkpoints_and_logged_metrics(tiny_config, tmp_pat
 
 def micro_run_args(workdir, data_dir, total_steps, *extra):
     return ["--workdir", workdir, "--config.data.sources.shapes.config=tiny", "--config.data.tokenizer=shapes/tiny",
-            "--config.evaluate.dataset=tiny", f"--config.data.data_dir={data_dir}", "--config.model_name=test-micro",
+            "--config.evaluate.shapes_config=tiny", f"--config.data.data_dir={data_dir}", "--config.model_name=test-micro",
             "--config.data.shuffle_buffer=512", "--config.batch_size=32", f"--config.total_steps={total_steps}",
             "--config.optimizer.warmup_steps=2", *extra]
 

@@ -35,7 +35,7 @@ DECODE_PARALLELISM = 2
 CHOICE_BLOCK = 1024  # mixture draws share one stateless random call per block of this many
 
 
-def _input_options() -> tf.data.Options:
+def input_options() -> tf.data.Options:
     """Deterministic order and no autotuning thread (see DECODE_PARALLELISM)."""
     options = tf.data.Options()
     options.deterministic = True
@@ -93,7 +93,7 @@ def _has_caption(index, example):
     return tf.reduce_any(tf.strings.length(tf.strings.strip(example["captions"])) > 0)
 
 
-def _encoded_image(example) -> tf.Tensor:
+def encoded_image(example) -> tf.Tensor:
     path = example["image_path"]
     return tf.cond(tf.strings.length(path) > 0, lambda: tf.io.read_file(path), lambda: example["image"])
 
@@ -104,7 +104,7 @@ def _prepare(image_op, seed: int):
         example_seed = tf.stack([tf.cast(seed, tf.int64), index])
         captions = tf.boolean_mask(example["captions"], tf.strings.length(tf.strings.strip(example["captions"])) > 0)
         pick = tf.random.stateless_uniform([], example_seed, maxval=tf.size(captions), dtype=tf.int32)
-        return {"image": image_op(_encoded_image(example), example_seed), "caption": captions[pick], "index": index}
+        return {"image": image_op(encoded_image(example), example_seed), "caption": captions[pick], "index": index}
     return prepare
 
 
@@ -137,7 +137,7 @@ class TrainInput:
             .ignore_errors()
             .batch(batch_size // jax.process_count(), drop_remainder=True)
             .prefetch(2)
-            .with_options(_input_options())
+            .with_options(input_options())
         )
         self._batches = dataset.as_numpy_iterator()
         self._ahead = None  # the next (global batch, position after it, skipped in it), prefetched
@@ -177,7 +177,7 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str, image_preprocess: 
     ).map(lambda ex: {**ex, "image": image_op(ex["image"], tf.constant([0, 0], tf.int64))},
           num_parallel_calls=DECODE_PARALLELISM)
     columns: dict[str, list] = {}
-    for example in dataset.batch(1024).with_options(_input_options()).as_numpy_iterator():
+    for example in dataset.batch(1024).with_options(input_options()).as_numpy_iterator():
         for key, value in example.items():
             columns.setdefault(key, []).append(value)
     arrays = {key: np.concatenate(value) for key, value in columns.items()}

@@ -10,7 +10,7 @@ shuffles it per epoch, reads, samples one caption per visit and decodes. Sources
     tfds:   {kind: "tfds", name: "coco_captions", split: "train",
              image_key: "image", caption_key: "captions/text"}
             {kind: "tfds", name: "imagenet2012", split: "train", label_key: "label",
-             templates: "simple"}                                # class names -> captions
+             templates: "simple", class_names_from: "imagenet"}  # class names -> captions
     csv:    {kind: "csv", path: "pairs.tsv", image_column: "filepath", caption_column: "title"}
     tar:    {kind: "tar", pattern: "/data/shards/*.tar"}        # WebDataset / img2dataset shards
 
@@ -31,14 +31,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from jclip.data import shapes
+from jclip.data import prompts, shapes
 
-# Prompt templates for turning class labels into captions (Radford et al. 2021).
-TEMPLATES = {
-    "simple": ("a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
-               "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}."),
-    "name": ("{}",),
-}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _SIGNATURE = {"image": tf.TensorSpec([], tf.string), "image_path": tf.TensorSpec([], tf.string),
               "captions": tf.TensorSpec([None], tf.string)}
@@ -58,29 +52,27 @@ def _process(process_index: Optional[int], process_count: Optional[int]) -> tupl
             jax.process_count() if process_count is None else process_count)
 
 
-def _field(example: Mapping[str, Any], key: str):
+def field(example: Mapping[str, Any], key: str):
     """`example["a"]["b"]` for key "a/b" (nested tfds features such as coco's captions/text)."""
     for part in key.split("/"):
         example = example[part]
     return example
 
 
-def tfds_source(name: str, *, split: str = "train", data_dir: Optional[str] = None, image_key: str = "image",
-                caption_key: Optional[str] = "caption", label_key: Optional[str] = None,
-                templates: str = "simple", process_index=None, process_count=None) -> Source:
-    """A prepared tfds dataset, by name or by directory (as `python -m jclip.data.to_tfds` writes one).
-
-    Captions come from `caption_key` (one or several per image), or from the class names of
-    `label_key` in the prompt templates `templates`.
-    """
+def tfds_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
+    """The tfds builder of `name`: a registered dataset, a directory (as `python -m jclip.data.to_tfds`
+    writes one), or `shapes/CONFIG` (the built-in dataset, built on first use)."""
+    if name.startswith("shapes/"):
+        return shapes.prepare(name.split("/", 1)[1], data_dir)
     try:
-        builder = tfds.builder_from_directory(name) if os.path.isdir(name) else tfds.builder(name, data_dir=data_dir)
+        return tfds.builder_from_directory(name) if os.path.isdir(name) else tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise ValueError(f"tfds has no dataset {name!r}: {error}") from None
-    return _tfds_slice(builder, split, image_key, caption_key, label_key, templates, process_index, process_count)
 
 
-def _tfds_slice(builder, split, image_key, caption_key, label_key, templates, process_index, process_count):
+def read_tfds_slice(builder: tfds.core.DatasetBuilder, split: str, image_key: str, process_index=None,
+                    process_count=None) -> tuple[tf.data.Dataset, int]:
+    """This process's contiguous slice of `split`, in order, its images left encoded; and its size."""
     process_index, process_count = _process(process_index, process_count)
     process_split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
     decoders = {image_key: tfds.decode.SkipDecoding()}
@@ -97,16 +89,48 @@ def _tfds_slice(builder, split, image_key, caption_key, label_key, templates, pr
             f"(`tfds build {builder.name} --data_dir=...`, with manual downloads where tfds asks) "
             f"or set data_dir to where it is"
         ) from None
-    if label_key is not None:
-        names = builder.info.features[label_key].names
-        prompts = tf.constant([[t.format(n.replace("_", " ")) for t in TEMPLATES[templates]] for n in names])
-        captions = lambda ex: tf.gather(prompts, _field(ex, label_key))
-    else:
-        captions = lambda ex: tf.reshape(_field(ex, caption_key), [-1])
-    examples = examples.map(lambda ex: {"image": _field(ex, image_key), "image_path": "", "captions": captions(ex)})
     count = int(examples.cardinality())
     if count < 0:
         count = builder.info.splits[process_split].num_examples
+    return examples, count
+
+
+def class_names(builder: tfds.core.DatasetBuilder, label_key: str, spec="dataset") -> list[str]:
+    """The names of the classes of `label_key` as words: the feature's own names ("dataset";
+    "aquarium_fish" -> "aquarium fish"), CLIP's ImageNet names ("imagenet"), or the list `spec`."""
+    feature = builder.info.features
+    for part in label_key.split("/"):
+        feature = feature[part]
+    if not isinstance(feature, tfds.features.ClassLabel):
+        raise ValueError(f"{builder.name}'s feature {label_key!r} is not a class label")
+    if spec == "dataset":
+        return [name.replace("_", " ") for name in feature.names]
+    if isinstance(spec, str) and spec != "imagenet":
+        raise ValueError(f"class_names={spec!r}: use 'dataset', 'imagenet' or a list of names")
+    names = list(prompts.imagenet_class_names() if spec == "imagenet" else spec)
+    if len(names) != feature.num_classes:
+        raise ValueError(f"{len(names)} class names for the {feature.num_classes} classes of {builder.name}'s "
+                         f"{label_key!r}")
+    return names
+
+
+def tfds_source(name: str, *, split: str = "train", data_dir: Optional[str] = None, image_key: str = "image",
+                caption_key: Optional[str] = "caption", label_key: Optional[str] = None,
+                templates="simple", class_names_from="dataset", process_index=None, process_count=None) -> Source:
+    """A prepared tfds dataset (see `tfds_builder` for the names).
+
+    Captions come from `caption_key` (one or several per image), or from the class names of
+    `label_key` (see `class_names`; "imagenet" for ImageNet) in the prompt templates `templates`.
+    """
+    builder = tfds_builder(name, data_dir)
+    examples, count = read_tfds_slice(builder, split, image_key, process_index, process_count)
+    if label_key is not None:
+        names = class_names(builder, label_key, class_names_from)
+        label_captions = tf.constant([[t.format(n) for t in prompts.templates(templates)] for n in names])
+        captions = lambda ex: tf.gather(label_captions, field(ex, label_key))
+    else:
+        captions = lambda ex: tf.reshape(field(ex, caption_key), [-1])
+    examples = examples.map(lambda ex: {"image": field(ex, image_key), "image_path": "", "captions": captions(ex)})
     return Source(f"{builder.name}/{split}", examples, count)
 
 
@@ -122,8 +146,8 @@ def _array_record_examples(data_source, features, image_key: str) -> tf.data.Dat
 def shapes_source(config: str = "default", *, split: str = "train", data_dir: Optional[str] = None,
                   process_index=None, process_count=None) -> Source:
     """The built-in `shapes` dataset, built on first use."""
-    builder = shapes.prepare(config, data_dir)
-    return _tfds_slice(builder, split, "image", "caption", None, None, process_index, process_count)
+    return tfds_source(f"shapes/{config}", split=split, data_dir=data_dir, process_index=process_index,
+                       process_count=process_count)
 
 
 def csv_source(path: str, *, image_column: str = "filepath", caption_column: str = "caption",

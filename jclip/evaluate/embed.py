@@ -1,6 +1,16 @@
-"""Embedding a whole evaluation set, sharded over the mesh, in fixed-size padded batches."""
+"""Embedding a whole evaluation set, sharded over every device of every process.
 
-from typing import Callable
+Each process reads its own share of the examples and feeds them in fixed-size
+batches; a process that runs out first (or a last, partial batch) is padded
+with zeros and a mask, so every process runs the same number of steps of one
+compiled shape, and padded rows are dropped before anything is counted. The
+embeddings of all processes come back to every process in a canonical order
+(process 0's examples, then process 1's, ...), so results do not depend on the
+device count, and with contiguous per-process slices not on the process count.
+"""
+
+import math
+from typing import Callable, Iterable
 
 import jax
 import numpy as np
@@ -10,22 +20,59 @@ from jax.sharding import Mesh
 from jclip import parallel
 
 
-def embed_all(encode: Callable, params, inputs: np.ndarray, batch_size: int, mesh: Mesh) -> np.ndarray:
-    """`encode(params, batch)` over all `inputs`, `batch_size` rows at a time.
+def embed_stream(encode: Callable, params, local_batches: Iterable[np.ndarray], local_count: int, batch_size: int,
+                 mesh: Mesh, example: np.ndarray) -> np.ndarray:
+    """`encode(params, batch)` of this process's `local_count` examples and every other process's.
 
-    Every process holds all `inputs` and gets all outputs; the devices of all
-    processes share the work. The last batch is padded with zeros to the full
-    size (one compiled shape, divisible by the device count) and the padded rows
-    are dropped afterwards, so results do not depend on the device count.
+    `local_batches` yields this process's examples in chunks of at most
+    `batch_size / process_count` rows; `example` is one zero example (shape and
+    dtype of the padding). Returns [all examples, dim], process 0's rows first.
     """
     parallel.check_batch_size(batch_size, mesh, what="config.evaluate.batch_size")
     sharding = parallel.batch_sharding(mesh)
     encode = jax.jit(encode, out_shardings=sharding)  # params keep their layout (replicated or FSDP)
-    outputs = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
-        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-        batch = jax.make_array_from_callback(padded.shape, sharding, lambda index: padded[index])
+    local_size = batch_size // jax.process_count()
+    counts = multihost_utils.process_allgather(np.int32(local_count)).reshape(-1)
+    steps = math.ceil(int(counts.max()) / local_size)
+    batches = iter(local_batches)
+    outputs, keys = [], []
+    position = 0
+    for _ in range(steps):
+        chunk = np.asarray(next(batches, example[None][:0]) if position < local_count else example[None][:0])
+        if len(chunk) > local_size:
+            raise ValueError(f"a chunk of {len(chunk)} examples; at most {local_size} per process per batch")
+        if chunk.shape[1:] != example.shape:
+            raise ValueError(f"evaluation inputs have shape {chunk.shape[1:]} but the model takes {example.shape}; "
+                             "make the preprocessing resize images to config.data.image_size")
+        padded = np.concatenate([chunk, np.zeros((local_size - len(chunk), *example.shape), example.dtype)])
+        # Which example each row is: (process, position), or position -1 for padding.
+        key = np.stack([np.full(local_size, jax.process_index()),
+                        np.where(np.arange(local_size) < len(chunk), position + np.arange(local_size), -1)], 1)
+        position += len(chunk)
+        batch = jax.make_array_from_process_local_data(sharding, padded.astype(example.dtype))
+        global_keys = jax.make_array_from_process_local_data(sharding, key.astype(np.int32))
         embeddings = multihost_utils.process_allgather(encode(params, batch), tiled=True)
-        outputs.append(np.asarray(embeddings)[: len(chunk)])
-    return np.concatenate(outputs)
+        global_keys = multihost_utils.process_allgather(global_keys, tiled=True)
+        real = global_keys[:, 1] >= 0
+        outputs.append(np.asarray(embeddings)[real])
+        keys.append(np.asarray(global_keys)[real])
+    if position != local_count:
+        raise ValueError(f"the evaluation data yielded {position} examples in {steps} batches, expected {local_count}")
+    if not outputs:
+        raise ValueError("nothing to embed: the evaluation set is empty")
+    keys = np.concatenate(keys)
+    return np.concatenate(outputs)[np.lexsort((keys[:, 1], keys[:, 0]))]
+
+
+def process_slice(count: int) -> slice:
+    """This process's contiguous share of `count` examples (process p gets rows [p*n/P, (p+1)*n/P))."""
+    index, processes = jax.process_index(), jax.process_count()
+    return slice(count * index // processes, count * (index + 1) // processes)
+
+
+def embed_all(encode: Callable, params, inputs: np.ndarray, batch_size: int, mesh: Mesh) -> np.ndarray:
+    """`encode(params, batch)` of all `inputs` (held by every process), in their order, on every process."""
+    local = inputs[process_slice(len(inputs))]
+    local_size = batch_size // jax.process_count()
+    chunks = (local[start:start + local_size] for start in range(0, len(local), local_size))
+    return embed_stream(encode, params, chunks, len(local), batch_size, mesh, np.zeros_like(inputs[0]))

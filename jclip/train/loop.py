@@ -13,11 +13,13 @@ from tqdm import tqdm
 
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer
-from jclip.data import pipeline, shapes
+from jclip.data import pipeline
 from jclip.data.sources import build_source
 from jclip.data.tokenizer import Tokenizer
 from jclip.data.tokenizers import load_tokenizer
-from jclip.evaluate.shapes_benchmark import evaluate_and_report, evaluate_shapes, flatten
+from jclip.evaluate.from_checkpoint import make_evaluator
+from jclip.evaluate.report import flatten, write_report
+from jclip.evaluate.tasks import run_tasks, select_tasks
 from jclip.models.summary import training_flops_per_pair
 from jclip.train.metrics_writer import MetricsWriter
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule
@@ -104,7 +106,7 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
     sources = [build_source(options, config.data.data_dir) for options in config.data.sources.values()]
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.data_dir)
     check_vocabulary(config, tokenizer)
-    evaluation_data = shapes.prepare(config.evaluate.dataset, config.data.data_dir)
+    select_tasks(config.evaluate.tasks)  # a misconfigured evaluation fails now, not after training
 
     model = models.model_class(config.model)(**config.model)
     optimizer = build_optimizer(config)
@@ -182,8 +184,11 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
                     writer.write(step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{metrics['samples_per_second']:.0f}")
                 if config.evaluate.every_steps and step % config.evaluate.every_steps == 0 and step < config.total_steps:
-                    results = evaluate_shapes(model, evaluation_params(state), evaluation_data, tokenizer, config, mesh)
-                    writer.write(step, {"seconds": time.perf_counter() - run_start, **flatten(results, "eval")})
+                    evaluator = make_evaluator(config, model, evaluation_params(state), tokenizer, mesh)
+                    results = {}
+                    for name, result in run_tasks(evaluator, config.evaluate.tasks).items():
+                        results.update(flatten(result.metrics, f"eval/{name}"))
+                    writer.write(step, {"seconds": time.perf_counter() - run_start, **results})
                 bar.update(1)
         if checkpointer.latest_step() != step:
             if step > start_step:
@@ -196,5 +201,6 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
     if stop.requested:
         print(f"Stopped at step {step} on request; checkpoint saved. Re-run the same command to resume.")
     elif evaluate_at_end and step == config.total_steps:
-        evaluate_and_report(model, evaluation_params(state), evaluation_data, tokenizer, config, workdir, mesh, step)
+        evaluator = make_evaluator(config, model, evaluation_params(state), tokenizer, mesh)
+        write_report(run_tasks(evaluator, config.evaluate.tasks), workdir, step, f"Evaluation of {workdir}")
     return state

@@ -54,6 +54,15 @@ def parameter_specs(model: nn.Module, parameter_sharding: str, mesh: Optional[Me
     raise ValueError(f"unknown parameter_sharding {parameter_sharding!r}; use one of {PARAMETER_SHARDINGS}")
 
 
+def abstract_params(model: nn.Module, parameter_sharding: str, mesh: Mesh, image_shape: tuple[int, ...],
+                    text_length: int) -> Any:
+    """Shapes, dtypes and shardings of the model's parameters laid out by `parameter_sharding`."""
+    shapes = jax.eval_shape(lambda: _init_params(model, jax.random.key(0), image_shape, text_length))
+    shardings = named(parameter_specs(model, parameter_sharding, mesh, image_shape, text_length), mesh)
+    return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        shapes, shardings)
+
+
 def _keys(path) -> tuple[str, ...]:
     return tuple(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 

@@ -1,0 +1,265 @@
+"""Evaluation tasks: what `config.evaluate.tasks` lists, run on a model's parameters.
+
+Each entry is `name: dict(kind=KIND, **options)`; the kinds and their options:
+
+- `shapes` (config, split, preprocess): the built-in shapes suite.
+- `zero_shot` (dataset, split, label_key, image_key, class_names, templates, preprocess, classes):
+  zero-shot classification of a tfds dataset by prompt ensembling; top-1/top-5 and mean per-class recall.
+  `class_names`: "dataset" (the label feature's names), "imagenet" (CLIP's ImageNet names) or a list;
+  `templates`: a set of `jclip.data.prompts.TEMPLATES` or a list; `classes="present"` restricts the
+  classifier to the classes present in the labels (ImageNet-A/-R's 200-class subsets).
+- `retrieval` (source, preprocess, ks): image→text and text→image Recall@K on an image–text source
+  (an entry like those of `config.data.sources`), with every caption of an image relevant to it.
+- `compositionality` (source, preprocess, attributes, kinds, seed): ARO-style true vs perturbed
+  captions (`jclip.evaluate.compositionality`); `attributes="shapes"` names the shapes words.
+- `linear_probe` (dataset, train_split, test_split, label_key, image_key, preprocess, shots, l2_values,
+  seed): closed-form ridge probes on frozen image embeddings, few-shot and on the full train split.
+
+Every task embeds with `Evaluator`, sharded over all devices and processes.
+"""
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from jclip import parallel
+from jclip.data import prompts, shapes, sources
+from jclip.data.negatives import KINDS
+from jclip.evaluate import plots
+from jclip.evaluate.classification import per_class_accuracy, top_k_accuracy, mean_per_class_recall, zero_shot_classifier
+from jclip.evaluate.compositionality import compositionality
+from jclip.evaluate.datasets import LocalImages
+from jclip.evaluate.embed import embed_all, embed_stream
+from jclip.evaluate.linear_probe import DEFAULT_L2, probe_accuracy
+from jclip.evaluate.retrieval import recall_at_k
+from jclip.evaluate.shapes_benchmark import evaluate_shapes, format_table
+
+EVALUATION_PREPROCESS = "decode|value_range(-1, 1)"
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """A model's parameters and what it takes to embed images and texts with them, sharded over `mesh`."""
+
+    model: nn.Module
+    params: Any
+    tokenizer: Any
+    mesh: Mesh
+    batch_size: int
+    image_size: int
+    text_length: int
+    data_dir: Optional[str] = None
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), dim] normalised text embeddings, on every process."""
+        encode = lambda params, tokens: self.model.apply({"params": params}, tokens, method=self.model.encode_text)
+        return embed_all(encode, self.params, self.tokenizer(list(texts), self.text_length), self.batch_size, self.mesh)
+
+    def embed_images(self, images: LocalImages) -> np.ndarray:
+        """[examples of all processes, dim] normalised image embeddings, process 0's first, on every process."""
+        encode = lambda params, x: self.model.apply({"params": params}, x, method=self.model.encode_image)
+        local_size = self.batch_size // jax.process_count()
+        example = np.zeros((self.image_size, self.image_size, 3), np.float32)
+        return embed_stream(encode, self.params, images.batches(local_size), images.count, self.batch_size,
+                            self.mesh, example)
+
+    def embed_array(self, images: np.ndarray) -> np.ndarray:
+        """Embeddings of preprocessed images that every process holds."""
+        encode = lambda params, x: self.model.apply({"params": params}, x, method=self.model.encode_image)
+        return embed_all(encode, self.params, images, self.batch_size, self.mesh)
+
+    @property
+    def scale(self) -> float:
+        return float(jax.device_get(jax.numpy.exp(self.params["logit_scale"])))
+
+
+@dataclasses.dataclass
+class TaskResult:
+    """A task's metrics (JSON: fractions, counts, names), its table, and how to draw its figure, if any."""
+
+    metrics: dict
+    table: str
+    plot: Optional[Callable[[str], None]] = None  # draws the figure into a PNG file at the given path
+    outputs: dict = dataclasses.field(default_factory=dict)  # per-example arrays (predictions), not in results.json
+
+
+def metrics_table(metrics: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Markdown rows `| metric | value |` of the numeric leaves: fractions as percentages, counts as they are."""
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if key == "per_class_accuracy":
+            continue  # in results.json and the figure; too long for a table
+        if isinstance(value, Mapping):
+            rows += metrics_table(value, f"{name} / ")
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, float):
+            rows.append(f"| {name} (%) | {100 * value:.2f} |")
+        elif isinstance(value, int):
+            rows.append(f"| {name} | {value} |")
+    return rows
+
+
+def _table(metrics: Mapping[str, Any]) -> str:
+    return "\n".join(["| metric | value |", "|---|---:|"] + metrics_table(metrics))
+
+
+def _labelled_images(evaluator: Evaluator, dataset: str, split: str, label_key: str, image_key: str,
+                     preprocess: str):
+    """(builder, image embeddings, labels) of one split of a tfds classification dataset."""
+    builder = sources.tfds_builder(dataset, evaluator.data_dir)
+    examples, count = sources.read_tfds_slice(builder, split, image_key)
+    images = LocalImages(
+        f"{dataset}/{split}",
+        examples.map(lambda ex: {"image": sources.field(ex, image_key), "image_path": "",
+                                 "label": sources.field(ex, label_key)}),
+        count, preprocess, fields=lambda ex: {"label": ex["label"]},
+    )
+    embeddings = evaluator.embed_images(images)
+    labels = parallel.gather_rows(np.asarray(images.fields.get("label", []), np.int64))
+    return builder, embeddings, labels
+
+
+def zero_shot_task(evaluator: Evaluator, dataset: str, split: str = "test", label_key: str = "label",
+                   image_key: str = "image", class_names="dataset", templates="simple",
+                   preprocess: str = EVALUATION_PREPROCESS, classes: str = "all", ks: Sequence[int] = (1, 5)):
+    builder, images, labels = _labelled_images(evaluator, dataset, split, label_key, image_key, preprocess)
+    names = sources.class_names(builder, label_key, class_names)
+    template_set = prompts.templates(templates)
+    if classes not in ("all", "present"):
+        raise ValueError(f"classes={classes!r}: use 'all' or 'present'")
+    used = np.unique(labels) if classes == "present" else np.arange(len(names))
+    classifier = zero_shot_classifier(evaluator.embed_texts, [names[c] for c in used], template_set)
+    targets = np.searchsorted(used, labels)
+    scores = images @ classifier.T
+    predictions = scores.argmax(axis=1)
+    per_class = per_class_accuracy(predictions, targets, len(used))
+    metrics = {
+        "dataset": dataset, "split": split, "num_examples": int(len(labels)), "num_classes": int(len(used)),
+        "num_templates": len(template_set),
+        **{f"top{k}": v for k, v in top_k_accuracy(scores, targets, ks).items()},
+        "mean_per_class_recall": mean_per_class_recall(predictions, targets, len(used)),
+        "per_class_accuracy": {names[c]: (None if np.isnan(a) else float(a)) for c, a in zip(used, per_class)},
+    }
+    title = f"Zero-shot accuracy per class, {dataset}/{split} (top-1 {100 * metrics['top1']:.1f} %)"
+    return TaskResult(metrics, _table(metrics),
+                      lambda path: plots.per_class_bars(path, [names[c] for c in used], per_class, title),
+                      outputs={"predictions": used[predictions], "labels": labels, "scores": scores})
+
+
+def _captioned_images(evaluator: Evaluator, source: Mapping[str, Any], preprocess: str):
+    """(image embeddings, captions per image) of an image–text source, all processes' examples."""
+    local, _ = sources.build_source(source, evaluator.data_dir)
+    images = LocalImages(local.name, local.examples, local.num_examples, preprocess,
+                         fields=lambda ex: {"captions": ex["captions"]})
+    embeddings = evaluator.embed_images(images)
+    local_captions = [[c.decode("utf-8").strip() for c in captions] for captions in images.fields.get("captions", [])]
+    local_captions = [[c for c in captions if c] for captions in local_captions]
+    counts = parallel.gather_rows(np.array([len(c) for c in local_captions], np.int64))
+    flat = parallel.gather_strings([c for captions in local_captions for c in captions])
+    ends = np.cumsum(counts)
+    return embeddings, [flat[end - count:end] for count, end in zip(counts, ends)]
+
+
+def retrieval_task(evaluator: Evaluator, source: Mapping[str, Any], preprocess: str = EVALUATION_PREPROCESS,
+                   ks: Sequence[int] = (1, 5, 10)):
+    images, captions = _captioned_images(evaluator, source, preprocess)
+    owner = np.array([i for i, c in enumerate(captions) for _ in c], np.int64)
+    texts = evaluator.embed_texts([c for per_image in captions for c in per_image])
+    has_caption = np.array([len(c) > 0 for c in captions])
+    relevant = owner[None, :] == np.arange(len(images))[:, None]
+    similarity = images @ texts.T
+    metrics = {
+        "num_images": int(has_caption.sum()), "num_captions": int(len(owner)),
+        "image_to_text": {f"R@{k}": v for k, v in
+                          recall_at_k(similarity[has_caption], relevant[has_caption], ks).items()},
+        "text_to_image": {f"R@{k}": v for k, v in recall_at_k(similarity.T, relevant.T, ks).items()},
+    }
+    shown = np.flatnonzero(has_caption)[:16]
+    first_caption = np.array([np.flatnonzero(owner == i)[0] for i in shown], np.int64)
+    return TaskResult(metrics, _table(metrics), lambda path: plots.similarity_matrix(
+        path, similarity[np.ix_(shown, first_caption)], [captions[i][0] for i in shown],
+        "Image–caption similarity (rows: images, columns: their first captions)"))
+
+
+def compositionality_task(evaluator: Evaluator, source: Mapping[str, Any], preprocess: str = EVALUATION_PREPROCESS,
+                          attributes=(), kinds: Sequence[str] = KINDS, seed: int = 0):
+    images, captions = _captioned_images(evaluator, source, preprocess)
+    keep = np.array([len(c) > 0 for c in captions])
+    if attributes == "shapes":
+        attributes = (shapes.COLOURS, shapes.SIZES, shapes.SHAPES)
+    metrics = compositionality(images[keep], [c[0] for c in captions if c], evaluator.embed_texts, attributes,
+                               tuple(kinds), seed)
+    measured = [k for k in metrics if metrics[k]["count"]]
+    return TaskResult(metrics, _table(metrics), lambda path: plots.bars(
+        path, measured, [metrics[k]["accuracy"] for k in measured],
+        "True caption preferred over the perturbed one", "accuracy", chance=0.5))
+
+
+def linear_probe_task(evaluator: Evaluator, dataset: str, train_split: str = "train", test_split: str = "test",
+                      label_key: str = "label", image_key: str = "image", preprocess: str = EVALUATION_PREPROCESS,
+                      shots: Sequence[int] = (1, 5, 10, 25), l2_values: Sequence[float] = DEFAULT_L2, seed: int = 0):
+    builder, train, train_labels = _labelled_images(evaluator, dataset, train_split, label_key, image_key, preprocess)
+    _, test, test_labels = _labelled_images(evaluator, dataset, test_split, label_key, image_key, preprocess)
+    num_classes = len(sources.class_names(builder, label_key))
+    metrics = {"dataset": dataset, "num_train": int(len(train_labels)), "num_test": int(len(test_labels))}
+    for count in (*shots, None):
+        name = "full" if count is None else f"{count}-shot"
+        metrics[name] = probe_accuracy(train, train_labels, test, test_labels, num_classes, count,
+                                       tuple(l2_values), seed)
+    settings = [f"{k}-shot" for k in shots] + ["full"]
+    table = ["| metric | value |", "|---|---:|", f"| training examples (full) | {metrics['num_train']} |",
+             f"| test examples | {metrics['num_test']} |"]
+    for setting in settings:
+        best = max((v, k) for k, v in metrics[setting].items() if k != "best")
+        table.append(f"| {setting} accuracy (%), best of {len(l2_values)} λ ({best[1]}) | {100 * best[0]:.2f} |")
+    return TaskResult(metrics, "\n".join(table), lambda path: plots.bars(
+        path, settings, [metrics[s]["best"] for s in settings],
+        f"Linear probe on frozen image embeddings, {dataset} (best regularisation)", "test accuracy"))
+
+
+def shapes_task(evaluator: Evaluator, config: str = "default", split: str = "test",
+                preprocess: str = EVALUATION_PREPROCESS):
+    metrics = evaluate_shapes(evaluator, shapes.prepare(config, evaluator.data_dir), split, preprocess)
+    return TaskResult(metrics, format_table(metrics))
+
+
+TASK_KINDS = {"shapes": shapes_task, "zero_shot": zero_shot_task, "retrieval": retrieval_task,
+              "compositionality": compositionality_task, "linear_probe": linear_probe_task}
+
+
+def select_tasks(tasks: Mapping[str, Mapping[str, Any]], names: Optional[Sequence[str]] = None) -> dict:
+    """The entries of `tasks` named in `names` (default: all), checked."""
+    names = list(tasks) if names is None else list(names)
+    unknown = [n for n in names if n not in tasks]
+    if unknown:
+        raise ValueError(f"no evaluation task(s) {unknown} in config.evaluate.tasks; it has {sorted(tasks)}")
+    selected = {}
+    for name in names:
+        options = dict(tasks[name])
+        if options.get("kind") not in TASK_KINDS:
+            raise ValueError(f"config.evaluate.tasks.{name}.kind={options.get('kind')!r}; "
+                             f"use one of {sorted(TASK_KINDS)}")
+        selected[name] = options
+    return selected
+
+
+def run_tasks(evaluator: Evaluator, tasks: Mapping[str, Mapping[str, Any]],
+              names: Optional[Sequence[str]] = None) -> dict[str, TaskResult]:
+    """Run the named tasks of `tasks` (default: all) in order; every process runs them together."""
+    results = {}
+    for name, options in select_tasks(tasks, names).items():
+        kind = options.pop("kind")
+        options = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in options.items()}
+        try:
+            inspect.signature(TASK_KINDS[kind]).bind(evaluator, **options)
+        except TypeError as error:
+            raise ValueError(f"bad options for evaluation task {name!r} (kind {kind!r}): {error}") from None
+        results[name] = TASK_KINDS[kind](evaluator, **options)
+    return results

@@ -1,0 +1,26 @@
+"""One process of a multi-process evaluation on loopback, for tests: every task kind of `evaluation_tasks`.
+
+    python tests/evaluation_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR OUTPUT_JSON
+"""
+
+import json
+import os
+import sys
+
+process_id, num_processes, port, data_dir, output = sys.argv[1:6]
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=int(num_processes),
+                           process_id=int(process_id))
+
+from evaluation_tasks import TASKS, micro_evaluator  # noqa: E402
+from jclip import parallel  # noqa: E402
+from jclip.evaluate.tasks import run_tasks  # noqa: E402
+
+results = run_tasks(micro_evaluator(data_dir, parallel.make_mesh()), TASKS)
+if jax.process_index() == 0:
+    with open(output, "w") as f:
+        json.dump({name: result.metrics for name, result in results.items()}, f)
