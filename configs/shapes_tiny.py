@@ -73,5 +73,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.evaluate.tasks.shapes = dict(kind="shapes", config=shapes_data, split="test")
     config.evaluate.tasks.compositionality = dict(kind="compositionality", source=test_images, attributes="shapes")
     config.evaluate.tasks.shape_probe = dict(kind="linear_probe", dataset="shapes/" + shapes_data, label_key="shape",
-                                             train_split="train[:10%]", test_split="test")
+                                             train_split="train[:10%]", test_split="test",
+                                             where=dict(num_objects=1))  # one object: one shape
     return config

@@ -11,7 +11,7 @@ TEST_IMAGES = dict(kind="shapes", config="tiny", split="test")
 TASKS = {
     "shapes": dict(kind="shapes", config="tiny"),
     "zero_shot": dict(kind="zero_shot", dataset="shapes/tiny", label_key="colour",
-                      templates=("a {} shape.", "something {}.")),
+                      templates=("a {} shape.", "something {}."), where={"num_objects": 1}),
     "retrieval": dict(kind="retrieval", source=TEST_IMAGES),
     "compositionality": dict(kind="compositionality", source=TEST_IMAGES, attributes="shapes"),
     "linear_probe": dict(kind="linear_probe", dataset="shapes/tiny", label_key="shape", train_split="train[:25%]",

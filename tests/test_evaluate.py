@@ -9,9 +9,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import REPO
+from conftest import REPO, load_config
 from evaluation_tasks import TASKS, micro_evaluator
 from open_clip_support import import_open_clip, random_open_clip
 from test_multiprocess import run_workers
@@ -22,7 +23,7 @@ from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate.embed import embed_all
 from jclip.evaluate.from_checkpoint import evaluate_checkpoint
 from jclip.evaluate.retrieval import recall_at_k
-from jclip.evaluate.tasks import Evaluator, run_tasks
+from jclip.evaluate.tasks import Evaluator, run_tasks, select_tasks
 from jclip.evaluate.zero_shot import classify_by_prompts
 
 
@@ -57,7 +58,8 @@ def single_process_results(shapes_data_dir):
 
 def test_every_task_kind_reports_its_metrics(single_process_results):
     results = single_process_results
-    assert results["zero_shot"]["num_examples"] == 256 and results["zero_shot"]["num_classes"] == 7
+    assert 0 < results["zero_shot"]["num_examples"] == results["shapes"]["num_single_object_images"]["all"] < 256
+    assert results["zero_shot"]["num_classes"] == 7
     assert results["zero_shot"]["top1"] <= results["zero_shot"]["top5"]
     assert results["retrieval"]["num_images"] == 256 and results["retrieval"]["num_captions"] == 256
     recalls = results["retrieval"]["image_to_text"]
@@ -80,6 +82,27 @@ def test_two_processes_give_the_single_process_results(tmp_path, shapes_data_dir
         assert json.load(f) == json.loads(json.dumps(single_process_results))
 
 
+def test_retrieval_with_several_captions_per_image(shapes_data_dir):
+    def coco_like(*args, **kwargs):
+        def generate():
+            for i in range(12):
+                image = tf.io.encode_png(tf.fill([64, 64, 3], tf.constant(20 * i, tf.uint8))).numpy()
+                yield {"image": image, "captions": {"text": [f"a red circle number {i}"] * (1 + i % 3)}}
+        signature = {"image": tf.TensorSpec([], tf.string), "captions": {"text": tf.TensorSpec([None], tf.string)}}
+        return tf.data.Dataset.from_generator(generate, output_signature=signature).apply(
+            tf.data.experimental.assert_cardinality(12))
+
+    task = dict(kind="retrieval", source=dict(kind="tfds", name="coco_captions", split="test",
+                                               caption_key="captions/text"))
+    evaluator = micro_evaluator(shapes_data_dir, parallel.make_mesh(8), batch_size=8)  # not under the mock
+    with tfds.testing.mock_data(num_examples=12, as_dataset_fn=coco_like):
+        metrics = run_tasks(evaluator, {"coco": task})
+    metrics = metrics["coco"].metrics
+    # Batches pad every image to 3 captions; the padding is not counted as captions (nor as hits).
+    assert metrics["num_images"] == 12 and metrics["num_captions"] == 4 * (1 + 2 + 3)
+    assert 0 < metrics["text_to_image"]["R@10"] <= 1 and 0 < metrics["image_to_text"]["R@10"] <= 1
+
+
 def test_bad_task_options_are_named(shapes_data_dir):
     evaluator = micro_evaluator(shapes_data_dir, parallel.make_mesh(8))
     with pytest.raises(ValueError, match="no evaluation task.*'nope'"):
@@ -90,6 +113,11 @@ def test_bad_task_options_are_named(shapes_data_dir):
         run_tasks(evaluator, {"x": dict(kind="classify")})
     with pytest.raises(ValueError, match="unknown template set 'fancy'"):
         run_tasks(evaluator, {"x": dict(kind="zero_shot", dataset="shapes/tiny", label_key="shape", templates="fancy")})
+
+
+def test_the_open_clip_evaluation_config_names_valid_tasks():
+    config = load_config("open_clip_evaluation")
+    assert set(select_tasks(config.evaluate.tasks)) >= {"imagenet", "cifar10", "coco", "cifar10_probe"}
 
 
 def test_evaluate_command_runs_selected_tasks_of_a_checkpoint(tiny_config, tmp_path):

@@ -180,7 +180,7 @@ def test_classification_source_on_mock_imagenet():
 
     with tfds.testing.mock_data(num_examples=20):
         source = tfds_source("imagenet2012", split="train", caption_key=None, label_key="label", templates="simple",
-                             class_names_from="imagenet")
+                             class_names="imagenet")
         captions = [c.decode() for c in source.examples.map(lambda ex: ex["captions"]).unbatch().as_numpy_iterator()]
     assert source.num_examples == 20 and len(captions) == 20 * 7
     names = prompts.imagenet_class_names()

@@ -10,7 +10,7 @@ shuffles it per epoch, reads, samples one caption per visit and decodes. Sources
     tfds:   {kind: "tfds", name: "coco_captions", split: "train",
              image_key: "image", caption_key: "captions/text"}
             {kind: "tfds", name: "imagenet2012", split: "train", label_key: "label",
-             templates: "simple", class_names_from: "imagenet"}  # class names -> captions
+             templates: "simple", class_names: "imagenet"}  # class names -> captions
     csv:    {kind: "csv", path: "pairs.tsv", image_column: "filepath", caption_column: "title"}
     tar:    {kind: "tar", pattern: "/data/shards/*.tar"}        # WebDataset / img2dataset shards
 
@@ -95,7 +95,7 @@ def read_tfds_slice(builder: tfds.core.DatasetBuilder, split: str, image_key: st
     return examples, count
 
 
-def class_names(builder: tfds.core.DatasetBuilder, label_key: str, spec="dataset") -> list[str]:
+def label_names(builder: tfds.core.DatasetBuilder, label_key: str, spec="dataset") -> list[str]:
     """The names of the classes of `label_key` as words: the feature's own names ("dataset";
     "aquarium_fish" -> "aquarium fish"), CLIP's ImageNet names ("imagenet"), or the list `spec`."""
     feature = builder.info.features
@@ -116,16 +116,16 @@ def class_names(builder: tfds.core.DatasetBuilder, label_key: str, spec="dataset
 
 def tfds_source(name: str, *, split: str = "train", data_dir: Optional[str] = None, image_key: str = "image",
                 caption_key: Optional[str] = "caption", label_key: Optional[str] = None,
-                templates="simple", class_names_from="dataset", process_index=None, process_count=None) -> Source:
+                templates="simple", class_names="dataset", process_index=None, process_count=None) -> Source:
     """A prepared tfds dataset (see `tfds_builder` for the names).
 
     Captions come from `caption_key` (one or several per image), or from the class names of
-    `label_key` (see `class_names`; "imagenet" for ImageNet) in the prompt templates `templates`.
+    `label_key` (see `label_names`; "imagenet" for ImageNet) in the prompt templates `templates`.
     """
     builder = tfds_builder(name, data_dir)
     examples, count = read_tfds_slice(builder, split, image_key, process_index, process_count)
     if label_key is not None:
-        names = class_names(builder, label_key, class_names_from)
+        names = label_names(builder, label_key, class_names)
         label_captions = tf.constant([[t.format(n) for t in prompts.templates(templates)] for n in names])
         captions = lambda ex: tf.gather(label_captions, field(ex, label_key))
     else:

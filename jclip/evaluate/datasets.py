@@ -29,7 +29,8 @@ class LocalImages:
 
     def batches(self, size: int) -> Iterator[np.ndarray]:
         self.fields = {}
-        batches = self._examples.batch(size).prefetch(1).with_options(pipeline.input_options()).as_numpy_iterator()
+        # padded: a field may vary in length (several captions per image); strings pad with "".
+        batches = self._examples.padded_batch(size).prefetch(1).with_options(pipeline.input_options()).as_numpy_iterator()
         while True:
             try:
                 batch = next(batches)

@@ -3,17 +3,18 @@
 Each entry is `name: dict(kind=KIND, **options)`; the kinds and their options:
 
 - `shapes` (config, split, preprocess): the built-in shapes suite.
-- `zero_shot` (dataset, split, label_key, image_key, class_names, templates, preprocess, classes):
+- `zero_shot` (dataset, split, label_key, image_key, class_names, templates, preprocess, classes, where):
   zero-shot classification of a tfds dataset by prompt ensembling; top-1/top-5 and mean per-class recall.
   `class_names`: "dataset" (the label feature's names), "imagenet" (CLIP's ImageNet names) or a list;
   `templates`: a set of `jclip.data.prompts.TEMPLATES` or a list; `classes="present"` restricts the
-  classifier to the classes present in the labels (ImageNet-A/-R's 200-class subsets).
+  classifier to the classes present in the labels (ImageNet-A/-R's 200-class subsets); `where`
+  keeps the examples whose features have the given values, e.g. `{"num_objects": 1}`.
 - `retrieval` (source, preprocess, ks): image→text and text→image Recall@K on an image–text source
   (an entry like those of `config.data.sources`), with every caption of an image relevant to it.
 - `compositionality` (source, preprocess, attributes, kinds, seed): ARO-style true vs perturbed
   captions (`jclip.evaluate.compositionality`); `attributes="shapes"` names the shapes words.
 - `linear_probe` (dataset, train_split, test_split, label_key, image_key, preprocess, shots, l2_values,
-  seed): closed-form ridge probes on frozen image embeddings, few-shot and on the full train split.
+  seed, where): closed-form ridge probes on frozen image embeddings, few-shot and on the full train split.
 
 Every task embeds with `Evaluator`, sharded over all devices and processes.
 """
@@ -24,6 +25,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+import tensorflow as tf
 from flax import linen as nn
 from jax.sharding import Mesh
 
@@ -31,7 +33,8 @@ from jclip import parallel
 from jclip.data import prompts, shapes, sources
 from jclip.data.negatives import KINDS
 from jclip.evaluate import plots
-from jclip.evaluate.classification import per_class_accuracy, top_k_accuracy, mean_per_class_recall, zero_shot_classifier
+from jclip.evaluate.classification import (mean_per_class_recall, per_class_accuracy, top_k_accuracy,
+                                           zero_shot_classifier)
 from jclip.evaluate.compositionality import compositionality
 from jclip.evaluate.datasets import LocalImages
 from jclip.evaluate.embed import embed_all, embed_stream
@@ -111,10 +114,15 @@ def _table(metrics: Mapping[str, Any]) -> str:
 
 
 def _labelled_images(evaluator: Evaluator, dataset: str, split: str, label_key: str, image_key: str,
-                     preprocess: str):
-    """(builder, image embeddings, labels) of one split of a tfds classification dataset."""
+                     preprocess: str, where: Optional[Mapping[str, int]] = None):
+    """(builder, image embeddings, labels) of one split of a tfds classification dataset; with `where`,
+    only the examples whose features equal those values (e.g. `{"num_objects": 1}`)."""
     builder = sources.tfds_builder(dataset, evaluator.data_dir)
     examples, count = sources.read_tfds_slice(builder, split, image_key)
+    if where:
+        examples = examples.filter(
+            lambda ex: tf.reduce_all([tf.equal(sources.field(ex, k), v) for k, v in where.items()]))
+        count = int(examples.map(lambda ex: 0).reduce(0, lambda total, _: total + 1))
     images = LocalImages(
         f"{dataset}/{split}",
         examples.map(lambda ex: {"image": sources.field(ex, image_key), "image_path": "",
@@ -128,9 +136,10 @@ def _labelled_images(evaluator: Evaluator, dataset: str, split: str, label_key: 
 
 def zero_shot_task(evaluator: Evaluator, dataset: str, split: str = "test", label_key: str = "label",
                    image_key: str = "image", class_names="dataset", templates="simple",
-                   preprocess: str = EVALUATION_PREPROCESS, classes: str = "all", ks: Sequence[int] = (1, 5)):
-    builder, images, labels = _labelled_images(evaluator, dataset, split, label_key, image_key, preprocess)
-    names = sources.class_names(builder, label_key, class_names)
+                   preprocess: str = EVALUATION_PREPROCESS, classes: str = "all", ks: Sequence[int] = (1, 5),
+                   where: Optional[Mapping[str, int]] = None):
+    builder, images, labels = _labelled_images(evaluator, dataset, split, label_key, image_key, preprocess, where)
+    names = sources.label_names(builder, label_key, class_names)
     template_set = prompts.templates(templates)
     if classes not in ("all", "present"):
         raise ValueError(f"classes={classes!r}: use 'all' or 'present'")
@@ -204,10 +213,12 @@ def compositionality_task(evaluator: Evaluator, source: Mapping[str, Any], prepr
 
 def linear_probe_task(evaluator: Evaluator, dataset: str, train_split: str = "train", test_split: str = "test",
                       label_key: str = "label", image_key: str = "image", preprocess: str = EVALUATION_PREPROCESS,
-                      shots: Sequence[int] = (1, 5, 10, 25), l2_values: Sequence[float] = DEFAULT_L2, seed: int = 0):
-    builder, train, train_labels = _labelled_images(evaluator, dataset, train_split, label_key, image_key, preprocess)
-    _, test, test_labels = _labelled_images(evaluator, dataset, test_split, label_key, image_key, preprocess)
-    num_classes = len(sources.class_names(builder, label_key))
+                      shots: Sequence[int] = (1, 5, 10, 25), l2_values: Sequence[float] = DEFAULT_L2, seed: int = 0,
+                      where: Optional[Mapping[str, int]] = None):
+    builder, train, train_labels = _labelled_images(evaluator, dataset, train_split, label_key, image_key, preprocess,
+                                                    where)
+    _, test, test_labels = _labelled_images(evaluator, dataset, test_split, label_key, image_key, preprocess, where)
+    num_classes = len(sources.label_names(builder, label_key))
     metrics = {"dataset": dataset, "num_train": int(len(train_labels)), "num_test": int(len(test_labels))}
     for count in (*shots, None):
         name = "full" if count is None else f"{count}-shot"
@@ -235,31 +246,27 @@ TASK_KINDS = {"shapes": shapes_task, "zero_shot": zero_shot_task, "retrieval": r
 
 
 def select_tasks(tasks: Mapping[str, Mapping[str, Any]], names: Optional[Sequence[str]] = None) -> dict:
-    """The entries of `tasks` named in `names` (default: all), checked."""
+    """`{name: (kind, options)}` of the entries of `tasks` named in `names` (default: all), checked."""
     names = list(tasks) if names is None else list(names)
     unknown = [n for n in names if n not in tasks]
     if unknown:
         raise ValueError(f"no evaluation task(s) {unknown} in config.evaluate.tasks; it has {sorted(tasks)}")
     selected = {}
     for name in names:
-        options = dict(tasks[name])
-        if options.get("kind") not in TASK_KINDS:
-            raise ValueError(f"config.evaluate.tasks.{name}.kind={options.get('kind')!r}; "
-                             f"use one of {sorted(TASK_KINDS)}")
-        selected[name] = options
+        options = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in dict(tasks[name]).items()}
+        kind = options.pop("kind", None)
+        if kind not in TASK_KINDS:
+            raise ValueError(f"config.evaluate.tasks.{name}.kind={kind!r}; use one of {sorted(TASK_KINDS)}")
+        try:
+            inspect.signature(TASK_KINDS[kind]).bind(None, **options)
+        except TypeError as error:
+            raise ValueError(f"bad options for evaluation task {name!r} (kind {kind!r}): {error}") from None
+        selected[name] = (kind, options)
     return selected
 
 
 def run_tasks(evaluator: Evaluator, tasks: Mapping[str, Mapping[str, Any]],
               names: Optional[Sequence[str]] = None) -> dict[str, TaskResult]:
     """Run the named tasks of `tasks` (default: all) in order; every process runs them together."""
-    results = {}
-    for name, options in select_tasks(tasks, names).items():
-        kind = options.pop("kind")
-        options = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in options.items()}
-        try:
-            inspect.signature(TASK_KINDS[kind]).bind(evaluator, **options)
-        except TypeError as error:
-            raise ValueError(f"bad options for evaluation task {name!r} (kind {kind!r}): {error}") from None
-        results[name] = TASK_KINDS[kind](evaluator, **options)
-    return results
+    selected = select_tasks(tasks, names)
+    return {name: TASK_KINDS[kind](evaluator, **options) for name, (kind, options) in selected.items()}
