@@ -58,6 +58,12 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def _step_or_latest(self, step: Optional[int]) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return step
+
     def due(self, step: int) -> bool:
         """Whether a save is due at `step` by the step interval (the same answer on every process)."""
         return step % self.save_every == 0
@@ -80,9 +86,7 @@ class Checkpointer:
 
     def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
         """The state and record saved at `step` (default: latest), laid out like `abstract_state`."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        step = self._step_or_latest(step)
         record = self.read_record(step)
         differences = _differences(record.get("model"), self.model)
         if differences:
@@ -100,9 +104,7 @@ class Checkpointer:
         """Only the parameters to evaluate, from a checkpoint of any recipe (optimizer, EMA or not),
         laid out like `abstract_params`: the EMA of the parameters when the checkpoint has one, else the
         parameters. Returns them and the checkpoint's record; the model is not checked (see `read_record`)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        step = self._step_or_latest(step)
         record = self.read_record(step)
         key = "ema_params" if record.get("has_ema_params") else "params"
         target = {key: abstract_params}
@@ -113,9 +115,7 @@ class Checkpointer:
 
     def read_record(self, step: Optional[int] = None) -> dict:
         """The JSON record saved with the checkpoint at `step` (default: latest): model config, data position."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        step = self._step_or_latest(step)
         return self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
 
     def wait(self) -> None:
