@@ -1,0 +1,126 @@
+"""Shared checks for the losses of `jclip.losses`: a float64 reference and sharded equality.
+
+- `assert_matches_reference(loss, reference, inputs)`: the loss (float32, `jax.jit`) against a
+  float64 NumPy reference of its value; gradients against central finite differences of that
+  reference, so a reference need only be the formula.
+- `assert_sharded_equals_single_device(loss, inputs, sharded)`: the per-device loss under
+  `jax.shard_map` and `jax.pmap` on 1, 2 and 8 devices gives the single-device full-batch value and
+  gradients, with the conventions of `clip_loss`'s docstring (shard_map: gradients as they are;
+  pmap: replicated inputs take `lax.pmean`, the local rows' gradients are N times the global ones).
+
+`loss(**inputs, axis_name=...)` returns a scalar; inputs are NumPy arrays, differentiated where they
+are floating point (integer labels, tokens and PRNG keys pass through).
+"""
+
+import functools
+
+import jax
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+DEVICE_COUNTS = (1, 2, 8)
+
+
+def numerical_gradient(reference, inputs, eps=1e-6):
+    """Central differences of the float64 `reference(**inputs)` for every floating-point input."""
+    inputs = {k: np.asarray(v, np.float64) if _is_float(v) else v for k, v in inputs.items()}
+    grads = {}
+    for name, value in inputs.items():
+        if not _is_float(value):
+            continue
+        grad = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            shifted = []
+            for sign in (1, -1):
+                moved = value.copy()
+                moved[index] += sign * eps
+                shifted.append(reference(**{**inputs, name: moved}))
+            grad[index] = (shifted[0] - shifted[1]) / (2 * eps)
+        grads[name] = grad
+    return grads
+
+
+def assert_close(actual, expected, rtol=2e-5, atol_fraction=None):
+    """Leaf by leaf; the absolute tolerance is `rtol` (or `atol_fraction`) times the leaf's largest entry."""
+    leaves_a, leaves_e = jax.tree.leaves(actual), jax.tree.leaves(expected)
+    assert len(leaves_a) == len(leaves_e)
+    for a, e in zip(leaves_a, leaves_e):
+        scale = np.max(np.abs(e)) if np.size(e) else 0.0
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=(atol_fraction or rtol) * scale + 1e-12)
+
+
+def assert_matches_reference(loss, reference, inputs, rtol=1e-4, **options):
+    """`loss(**inputs, **options)` in float32 against the float64 `reference(**inputs)` and its gradient."""
+    float32 = {k: np.float32(v) if _is_float(v) else v for k, v in inputs.items()}
+    value, grads = _value_and_grads(functools.partial(loss, **options), float32)
+    assert_close(value, reference(**inputs), rtol=rtol)
+    assert_close(grads, numerical_gradient(reference, inputs), rtol=rtol)
+
+
+def _is_float(value):
+    return np.issubdtype(np.asarray(value).dtype, np.floating)
+
+
+def _split(inputs, sharded):
+    groups = ({}, {}, {}, {})  # float sharded, float replicated, other sharded, other replicated
+    for name, value in inputs.items():
+        groups[(0 if _is_float(value) else 2) + (0 if name in sharded else 1)][name] = value
+    return groups
+
+
+def _value_and_grads(loss, inputs, axis_name=None, sharded=()):
+    """The value and `{name: gradient}` of every floating-point input."""
+    float_sharded, float_replicated, other_sharded, other_replicated = _split(inputs, sharded)
+    value, (grad_sharded, grad_replicated) = jax.jit(
+        jax.value_and_grad(lambda fs, fr: loss(**fs, **fr, **other_sharded, **other_replicated, axis_name=axis_name),
+                           argnums=(0, 1))
+    )(float_sharded, float_replicated)
+    return value, {**grad_sharded, **grad_replicated}
+
+
+def per_device_value_and_grads(loss, inputs, sharded, mode, devices):
+    """Value and gradients of the global batch from `loss` run per device over axis "data"."""
+    groups = _split(inputs, sharded)
+
+    def local(float_sharded, float_replicated, other_sharded, other_replicated):
+        value, (grad_sharded, grad_replicated) = jax.value_and_grad(
+            lambda fs, fr: loss(**fs, **fr, **other_sharded, **other_replicated, axis_name="data"), argnums=(0, 1)
+        )(float_sharded, float_replicated)
+        if mode == "pmap":
+            grad_replicated = lax.pmean(grad_replicated, "data")
+        return value, grad_sharded, grad_replicated
+
+    if mode == "pmap":
+        shard = lambda tree: jax.tree.map(lambda x: x.reshape(devices, -1, *x.shape[1:]), tree)
+        value, grad_sharded, grad_replicated = jax.pmap(
+            local, axis_name="data", in_axes=(0, None, 0, None), devices=jax.devices()[:devices]
+        )(shard(groups[0]), groups[1], shard(groups[2]), groups[3])
+        value, grad_replicated = value[0], jax.tree.map(lambda g: g[0], grad_replicated)
+        grad_sharded = jax.tree.map(lambda g: g.reshape(-1, *g.shape[2:]) / devices, grad_sharded)
+    else:
+        mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.devices()[:devices])
+        value, grad_sharded, grad_replicated = jax.jit(
+            jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P(), P("data"), P()),
+                          out_specs=(P(), P("data"), P()))
+        )(*groups)
+    return value, {**grad_sharded, **grad_replicated}
+
+
+def assert_sharded_equals_single_device(loss, inputs, sharded, devices=DEVICE_COUNTS, modes=("shard_map", "pmap"),
+                                        rtol=2e-5, **options):
+    """Per-device `loss` on each device count and mode gives the whole batch's value and gradients.
+
+    `sharded` names the inputs whose leading axis is the batch; the others are replicated.
+    """
+    loss = functools.partial(loss, **options)
+    float32 = {k: np.float32(v) if _is_float(v) else v for k, v in inputs.items()}
+    expected = _value_and_grads(loss, float32)
+    for mode in modes:
+        for count in devices:
+            actual = per_device_value_and_grads(loss, float32, sharded, mode, count)
+            try:
+                assert_close(actual, expected, rtol=rtol)
+            except AssertionError as error:
+                raise AssertionError(f"{mode} on {count} devices differs from the whole batch") from error
