@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     # e.g. config.losses.siglip = dict(weight=1.0, ring=True) with config.model.init_bias = -10.
     config.losses = ml_collections.ConfigDict()
     config.losses.clip = dict(weight=1.0)
+    # A checkpoint (RUN/checkpoints/STEP or RUN) whose model the `distillation` loss distils.
+    config.teacher = placeholder(str)
 
     config.batch_size = 128
     config.micro_batches = 1  # >1: gradient caching, the same gradient with one micro-batch's activations

@@ -93,8 +93,10 @@ def per_device_value_and_grads(loss, inputs, sharded, mode, devices):
 
     if mode == "pmap":
         shard = lambda tree: jax.tree.map(lambda x: x.reshape(devices, -1, *x.shape[1:]), tree)
+        # in_axes as whole trees: pmap misreads a prefix tuple whose length equals the number of leaves.
+        in_axes = tuple(jax.tree.map(lambda _: axis, group) for group, axis in zip(groups, (0, None, 0, None)))
         value, grad_sharded, grad_replicated = jax.pmap(
-            local, axis_name="data", in_axes=(0, None, 0, None), devices=jax.devices()[:devices]
+            local, axis_name="data", in_axes=in_axes, devices=jax.devices()[:devices]
         )(shard(groups[0]), groups[1], shard(groups[2]), groups[3])
         value, grad_replicated = value[0], jax.tree.map(lambda g: g[0], grad_replicated)
         grad_sharded = jax.tree.map(lambda g: g.reshape(-1, *g.shape[2:]) / devices, grad_sharded)

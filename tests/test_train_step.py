@@ -79,16 +79,19 @@ def test_objective_is_the_weighted_sum_of_configured_losses():
     zimg, ztxt = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in rng.normal(size=(2, 8, 4)))
     out = {"zimg": jnp.asarray(zimg), "ztxt": jnp.asarray(ztxt), "scale": 10.0, "bias": -3.0}
     objective = make_objective({"clip": {"weight": 0.5, "label_smoothing": 0.1}, "siglip": {"weight": 2.0}},
-                               axis_name=None, has_bias=True)
-    total, terms = objective(out)
+                               axis_name=None)
+    total, terms = objective(out, {}, jax.random.key(0))
     clip = losses.clip_loss(out["zimg"], out["ztxt"], 10.0, label_smoothing=0.1)
     siglip = losses.siglip_loss(out["zimg"], out["ztxt"], 10.0, -3.0)
     np.testing.assert_allclose(terms["loss_clip"], clip, rtol=1e-6)
     np.testing.assert_allclose(total, 0.5 * clip + 2.0 * siglip, rtol=1e-6)
-    with pytest.raises(ValueError, match="unknown loss 'infonce'.*'clip', 'siglip'"):
-        make_objective({"infonce": {}}, None, has_bias=False)
-    with pytest.raises(ValueError, match="needs a learnable bias: set config.model.init_bias"):
-        make_objective({"siglip": {}}, None, has_bias=False)
+    with pytest.raises(ValueError, match="unknown loss 'infonce'.*'clip'.*'siglip'"):
+        make_objective({"infonce": {}}, None)
+    with pytest.raises(ValueError, match=r"config.losses.clip has unknown option\(s\) \['smoothing'\].*label_smoothing"):
+        make_objective({"clip": {"smoothing": 0.1}}, None)
+    without_bias = {k: v for k, v in out.items() if k != "bias"}
+    with pytest.raises(ValueError, match="'siglip' loss needs 'bias'.*set config.model.init_bias"):
+        make_objective({"siglip": {}}, None)(without_bias, {}, jax.random.key(0))
 
 
 def test_sigmoid_objective_trains_the_bias_with_a_ring_loss():

@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 
 from jclip.losses._device_axis import device_count, first_global_row, gather_rows, global_sum
+from jclip.losses.geometry import alignment_loss, cross_modal_uniformity_loss, uniformity_loss
 
 
 def logits(zimg, ztxt, scale, bias=None, *, axis_name=None):
@@ -34,24 +35,21 @@ def top1_accuracy(zimg, ztxt, *, axis_name=None):
 def embedding_geometry(zimg, ztxt, *, axis_name=None):
     """How the batch's embeddings sit in their space, the same on every device.
 
-    - `alignment`: mean ‖x_i − y_i‖² over positive pairs (Wang & Isola 2020; lower is better aligned);
+    - `alignment`: mean ‖x_i − y_i‖² over positive pairs (`alignment_loss`, Wang & Isola 2020; lower
+      is better aligned);
     - `uniformity_image` / `uniformity_text`: log mean exp(−2‖u_i − u_j‖²) over pairs i ≠ j of one
-      modality (Wang & Isola 2020; lower is more uniform on the sphere);
+      modality (`uniformity_loss`, Wang & Isola 2020; lower is more uniform on the sphere);
+    - `uniformity_cross`: the same between images and the captions of other pairs
+      (`cross_modal_uniformity_loss`, Fahim et al. 2024);
     - `modality_gap`: ‖mean(x) − mean(y)‖, the distance between the image and text centroids
       (Liang et al. 2022, "Mind the Gap").
     """
-    local_batch = zimg.shape[0]
-    total = local_batch * device_count(axis_name)
-    positives = first_global_row(local_batch, axis_name) + jnp.arange(local_batch)
-
-    def uniformity(rows):
-        columns = gather_rows(rows, axis_name)
-        squared = (jnp.sum(rows**2, 1)[:, None] + jnp.sum(columns**2, 1)[None, :] - 2 * rows @ columns.T)
-        kernel = jnp.exp(-2 * jnp.maximum(squared, 0.0))
-        off_diagonal = jnp.sum(kernel) - jnp.sum(kernel[jnp.arange(local_batch), positives])
-        return jnp.log(global_sum(off_diagonal, axis_name) / (total * (total - 1)))
-
-    alignment = global_sum(jnp.sum((zimg - ztxt) ** 2), axis_name) / total
+    geometry = {
+        "alignment": alignment_loss(zimg, ztxt, axis_name=axis_name),  # first: it checks the shapes
+        "uniformity_image": uniformity_loss(zimg, axis_name=axis_name),
+        "uniformity_text": uniformity_loss(ztxt, axis_name=axis_name),
+        "uniformity_cross": cross_modal_uniformity_loss(zimg, ztxt, axis_name=axis_name),
+    }
+    total = zimg.shape[0] * device_count(axis_name)
     gap = global_sum(jnp.sum(zimg - ztxt, axis=0), axis_name) / total
-    return {"alignment": alignment, "uniformity_image": uniformity(zimg), "uniformity_text": uniformity(ztxt),
-            "modality_gap": jnp.linalg.norm(gap)}
+    return {**geometry, "modality_gap": jnp.linalg.norm(gap)}

@@ -20,43 +20,44 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-Outputs = dict[str, jax.Array]  # {"zimg", "ztxt", "scale"[, "bias"]}
+Outputs = dict[str, jax.Array]  # {"zimg", "ztxt", "scale"[, "bias"], other per-example outputs}
+SHARED_OUTPUTS = ("scale", "bias")  # one value for the whole batch; every other output has a row per example
 
 
 def cached_loss_and_gradients(
-    embed: Callable[[dict, jax.Array, jax.Array, jax.Array], Outputs],
+    embed: Callable[[dict, dict[str, jax.Array], jax.Array], Outputs],
     loss: Callable[[Outputs], tuple[jax.Array, Any]],
-    params: dict, images: jax.Array, tokens: jax.Array, rng: jax.Array, micro_batches: int,
+    params: dict, inputs: dict[str, jax.Array], rng: jax.Array, micro_batches: int,
 ) -> tuple[tuple[jax.Array, tuple[Any, Outputs]], dict]:
-    """`((loss, (aux, outputs)), grads)` of `loss(embed(params, images, tokens, rng))`, `micro_batches` at a time.
+    """`((loss, (aux, outputs)), grads)` of `loss(embed(params, inputs, rng))`, `micro_batches` at a time.
 
-    `embed` is the model's forward pass (`rng` for its stochastic parts: micro-batch m gets
-    `fold_in(rng, m)` in both passes); `loss` maps the outputs of the whole batch to the scalar
-    loss and auxiliary values (it may gather over a device axis). Per-example outputs are
-    returned whole; scale and bias once.
+    `inputs` are the model's per-example inputs (images, tokens, ...); `embed` is the model's
+    forward pass (`rng` for its stochastic parts: micro-batch m gets `fold_in(rng, m)` in both
+    passes); `loss` maps the outputs of the whole batch to the scalar loss and auxiliary values
+    (it may gather over a device axis). Per-example outputs are returned whole; scale and bias once.
     """
-    batch = images.shape[0]
+    batch = len(next(iter(inputs.values())))
     if batch % micro_batches:
         raise ValueError(f"the per-device batch ({batch}) is not divisible by micro_batches={micro_batches}")
 
     def split(x):
         return x.reshape(micro_batches, batch // micro_batches, *x.shape[1:])
 
-    images, tokens = split(images), split(tokens)
+    inputs = jax.tree.map(split, inputs)
     keys = jax.vmap(lambda index: jax.random.fold_in(rng, index))(jnp.arange(micro_batches))
-    outputs = lax.map(lambda xs: embed(params, *xs), (images, tokens, keys))
-    per_example = {k: v.reshape(batch, *v.shape[2:]) for k, v in outputs.items() if k in ("zimg", "ztxt")}
-    shared = {k: v[0] for k, v in outputs.items() if k not in per_example}  # scale, bias: the same in each
+    outputs = lax.map(lambda xs: embed(params, *xs), (inputs, keys))
+    per_example = {k: v.reshape(batch, *v.shape[2:]) for k, v in outputs.items() if k not in SHARED_OUTPUTS}
+    shared = {k: v[0] for k, v in outputs.items() if k in SHARED_OUTPUTS}  # the same in each micro-batch
     (value, aux), output_grads = jax.value_and_grad(loss, has_aux=True)({**per_example, **shared})
 
     def backward(grads, xs):
-        index, micro_images, micro_tokens, key = xs
+        index, micro_inputs, key = xs
         cotangent = {k: split(output_grads[k])[index] for k in per_example}
         # Scale and bias take their gradient once, with the first micro-batch.
         cotangent.update({k: jnp.where(index == 0, output_grads[k], 0.0) for k in shared})
-        _, pullback = jax.vjp(lambda p: embed(p, micro_images, micro_tokens, key), params)
+        _, pullback = jax.vjp(lambda p: embed(p, micro_inputs, key), params)
         return jax.tree.map(jnp.add, grads, pullback(cotangent)[0]), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = lax.scan(backward, zeros, (jnp.arange(micro_batches), images, tokens, keys))
+    grads, _ = lax.scan(backward, zeros, (jnp.arange(micro_batches), inputs, keys))
     return (value, (aux, {**per_example, **shared})), grads

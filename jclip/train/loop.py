@@ -25,6 +25,7 @@ from jclip.train.metrics_writer import MetricsWriter
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule
 from jclip.train.state import TrainState, abstract_train_state, create_train_state, parameter_specs, state_specs
 from jclip.train.step import make_train_step
+from jclip.train.teacher import make_teacher
 from jclip.train.throughput import ThroughputMeter, peak_flops_per_device
 
 
@@ -132,6 +133,7 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
         start_position=position, negative_kinds=config.data.negative_kinds,
         negative_attributes=config.data.negative_attributes,
     )
+    teacher = make_teacher(config, mesh, tokenizer)
     train_step = make_train_step(model, optimizer, mesh, specs, config.losses.to_dict(), config.micro_batches,
                                  config.ema_decay, config.seed)
     end_step = config.total_steps if stop_after is None else min(config.total_steps, start_step + stop_after)
@@ -168,7 +170,10 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
         ) as bar:
             step = start_step
             while step < end_step and not stop.requested:
-                state, metrics = train_step(state, next(batches))
+                batch = next(batches)
+                if teacher is not None:
+                    batch.update(teacher(batch))
+                state, metrics = train_step(state, batch)
                 step += 1
                 throughput.step()
                 logging = step % config.log_every == 0 or step == end_step

@@ -20,7 +20,7 @@ from jclip import losses, parallel
 from jclip.models.partitioning import gather_on_use
 from jclip.parallel import DATA_AXIS
 from jclip.train.gradient_cache import cached_loss_and_gradients
-from jclip.train.objective import make_objective
+from jclip.train.objective import HOW_TO_PROVIDE, embeds_negatives, make_objective
 from jclip.train.state import TrainState, named
 
 Batch = dict[str, jax.Array]
@@ -43,22 +43,33 @@ def make_gradient_function(model: nn.Module, mesh: Mesh, param_specs: Any,
     micro-batch's activation memory. `rng` drives patch dropout; each device and
     micro-batch folds in its own index.
     """
-    objective = make_objective(loss_spec or DEFAULT_LOSSES, DATA_AXIS, has_bias=getattr(model, "init_bias", None) is not None)
+    loss_spec = loss_spec or DEFAULT_LOSSES
+    objective = make_objective(loss_spec, DATA_AXIS)
+    model_inputs = ("image", "tokens", "negative_tokens") if embeds_negatives(loss_spec) else ("image", "tokens")
 
-    def embed(params, images, tokens, rng):
+    def embed(params, inputs, rng):
         variables = {"params": gather_on_use(params, param_specs, DATA_AXIS)}
-        return model.apply(variables, images, tokens, train=True, rngs={"patch_dropout": rng})
+        out = model.apply(variables, inputs["image"], inputs["tokens"], train=True, rngs={"patch_dropout": rng})
+        if "negative_tokens" in inputs:  # [b, K, L] hard-negative captions, embedded by the text tower
+            negatives = inputs["negative_tokens"]
+            flat = model.apply(variables, negatives.reshape(-1, negatives.shape[-1]), method="encode_text")
+            out["negative_ztxt"] = flat.reshape(*negatives.shape[:2], -1)
+        return out
 
     def per_device(params, batch, rng):
-        rng = jax.random.fold_in(rng, lax.axis_index(DATA_AXIS))
-        images, tokens = batch["image"], batch["tokens"]
+        loss_rng, rng = rng, jax.random.fold_in(rng, lax.axis_index(DATA_AXIS))
+        missing = [name for name in model_inputs if name not in batch]
+        if missing:
+            raise ValueError(f"the configured losses need batch field(s) {missing}; "
+                             f"{HOW_TO_PROVIDE['negative_ztxt']}")
+        inputs = {name: batch[name] for name in model_inputs}
+        loss = lambda out: objective(out, batch, loss_rng)
         if micro_batches > 1:
-            (value, (terms, out)), grads = cached_loss_and_gradients(
-                embed, objective, params, images, tokens, rng, micro_batches)
+            (value, (terms, out)), grads = cached_loss_and_gradients(embed, loss, params, inputs, rng, micro_batches)
         else:
             def total_loss(params):
-                out = embed(params, images, tokens, rng)
-                value, terms = objective(out)
+                out = embed(params, inputs, rng)
+                value, terms = loss(out)
                 return value, (terms, out)
 
             (value, (terms, out)), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
