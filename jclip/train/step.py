@@ -40,8 +40,10 @@ def make_gradient_function(model: nn.Module, mesh: Mesh, param_specs: Any,
     shards gathered per layer on use); `metrics` hold the global-batch loss and
     its terms, scale (and bias), in-batch accuracy and embedding geometry. With
     `micro_batches > 1` the same gradient comes from gradient caching, with one
-    micro-batch's activation memory. `rng` drives patch dropout; each device and
-    micro-batch folds in its own index.
+    micro-batch's activation memory. `rng` drives patch dropout (each device and
+    micro-batch folds in its own index) and the losses' random draws (the same key
+    on every device). When a term needs them (`negclip`), the batch's
+    `negative_tokens` [B, K, L] are embedded by the text tower as `negative_ztxt`.
     """
     loss_spec = loss_spec or DEFAULT_LOSSES
     objective = make_objective(loss_spec, DATA_AXIS)
