@@ -114,6 +114,8 @@ def test_options_are_checked_before_training():
         make_objective({"mochi": {"hardness": 3}}, None)
     with pytest.raises(ValueError, match=r"config.losses.uniformity has unknown option\(s\) \['alpha'\].*\['t'\]"):
         make_objective({"uniformity": {"alpha": 2.0}}, None)
+    with pytest.raises(ValueError, match=r"config.losses.mochi needs option\(s\) \['hardest', 'mixed'\]"):
+        make_objective({"mochi": {"weight": 1.0}}, None)
 
 
 @functools.cache

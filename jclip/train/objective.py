@@ -12,7 +12,8 @@ function's signature before training. The trainer logs every term as `loss_<name
 Some terms need more than the two embeddings (the error says how to provide what is missing):
 `siglip` a model bias, `caption` a CoCa model, `negclip` hard-negative captions in the batch
 (`config.data.negative_kinds`), which the train step embeds with the text tower as
-`negative_ztxt` [b, K, dim].
+`negative_ztxt` [b, K, dim], `distillation` a teacher checkpoint (`config.teacher`,
+`jclip.train.teacher`).
 """
 
 import dataclasses
@@ -105,7 +106,8 @@ LOSSES: dict[str, Term] = {
 
 
 def check_options(name: str, options: Mapping[str, Any]) -> None:
-    """Every option must be a keyword-only argument of the term's loss function (`axis_name` is the trainer's)."""
+    """The options must be keyword-only arguments of the term's loss function (`axis_name` is the trainer's),
+    and include those without a default."""
     function = LOSSES[name].options_of or LOSSES[name].function
     parameters = inspect.signature(function).parameters
     allowed = sorted(p for p, v in parameters.items() if v.kind is inspect.Parameter.KEYWORD_ONLY and p != "axis_name")
@@ -113,6 +115,10 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     if unknown:
         raise ValueError(f"config.losses.{name} has unknown option(s) {unknown}; {function.__name__} takes "
                          f"weight and {allowed}")
+    required = sorted(p for p in allowed if parameters[p].default is inspect.Parameter.empty and p not in options)
+    if required:
+        raise ValueError(f"config.losses.{name} needs option(s) {required} of {function.__name__}, e.g. "
+                         f"config.losses.{name} = dict(weight=1.0, {', '.join(f'{p}=...' for p in required)})")
 
 
 def make_objective(spec: Mapping[str, Mapping[str, Any]], axis_name: Any,
