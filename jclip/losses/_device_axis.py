@@ -4,6 +4,7 @@ Device d holds global rows d·b .. d·b + b - 1 (b the local batch): `lax.all_ga
 `lax.axis_index` and the ring in `blocks.py` all use this one device order.
 """
 
+import jax.numpy as jnp
 from jax import lax
 
 
@@ -27,3 +28,9 @@ def gather_rows(x, axis_name):
 def first_global_row(local_batch, axis_name):
     """Global index of this device's first row: a local row i pairs with global column this + i."""
     return device_index(axis_name) * local_batch
+
+
+def own_columns(local_batch, axis_name):
+    """`[b, B]` bool: True where global column j is local row i's own pair (its positive)."""
+    rows = first_global_row(local_batch, axis_name) + jnp.arange(local_batch)
+    return rows[:, None] == jnp.arange(local_batch * device_count(axis_name))[None, :]

@@ -27,6 +27,12 @@ def check_embeddings(zimg, ztxt):
         )
 
 
+def check_has_negatives(batch, name):
+    """A contrastive loss over negatives needs at least two pairs in the global batch."""
+    if batch < 2:
+        raise ValueError(f"{name} needs negatives: a global batch of at least 2 pairs; got {batch}")
+
+
 def as_scalar(value, name):
     """Returns a one-element parameter (shape `()` or `(1,)`, as some checkpoints store it) as a scalar."""
     if jnp.size(value) != 1:

@@ -3,8 +3,8 @@
 import jax
 import jax.numpy as jnp
 
-from jclip.losses._device_axis import first_global_row, gather_rows, global_sum
-from jclip.losses._validation import as_scalar, prepare_embeddings
+from jclip.losses._device_axis import gather_rows, global_sum, own_columns
+from jclip.losses._validation import as_scalar, check_has_negatives, prepare_embeddings
 
 
 def dcl_loss(zimg, ztxt, scale, *, weight_sigma=None, axis_name=None):
@@ -48,14 +48,12 @@ def dcl_loss(zimg, ztxt, scale, *, weight_sigma=None, axis_name=None):
     if weight_sigma is not None and not weight_sigma > 0:
         raise ValueError(f"weight_sigma must be a positive number (e.g. 0.5), or None for DCL; got {weight_sigma}")
     zimg, ztxt, local_batch, batch = prepare_embeddings(zimg, ztxt, axis_name=axis_name, ring=False, block_size=None)
-    if batch < 2:
-        raise ValueError(f"dcl_loss needs negatives: a global batch of at least 2 pairs; got {batch}")
+    check_has_negatives(batch, "dcl_loss")
     scale = as_scalar(scale, "scale").astype(zimg.dtype)
-    positive_column = first_global_row(local_batch, axis_name) + jnp.arange(local_batch)
+    is_positive = own_columns(local_batch, axis_name)
 
     def negatives_log_sum_exp(rows, columns):
         logit = scale * rows @ gather_rows(columns, axis_name).T
-        is_positive = positive_column[:, None] == jnp.arange(batch)[None, :]
         return jax.nn.logsumexp(jnp.where(is_positive, -jnp.inf, logit), axis=1)
 
     similarity = jnp.sum(zimg * ztxt, axis=1)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jclip.losses._device_axis import device_count, first_global_row, gather_rows, global_sum
+from jclip.losses._device_axis import device_count, gather_rows, global_sum, own_columns
 from jclip.losses._validation import prepare_embeddings
 from jclip.losses.softmax import clip_loss
 
@@ -37,9 +37,7 @@ def _log_mean_kernel(rows, columns, t, axis_name):
                          f"got {batch}")
     everyone = gather_rows(columns, axis_name)
     squared = jnp.sum(rows**2, 1)[:, None] + jnp.sum(everyone**2, 1)[None, :] - 2 * rows @ everyone.T
-    own = first_global_row(local_batch, axis_name) + jnp.arange(local_batch)
-    distinct = own[:, None] != jnp.arange(batch)[None, :]
-    local = jax.nn.logsumexp(-t * jnp.maximum(squared, 0.0), where=distinct)
+    local = jax.nn.logsumexp(-t * jnp.maximum(squared, 0.0), where=~own_columns(local_batch, axis_name))
     return _global_log_sum_exp(local, axis_name) - jnp.log(batch * (batch - 1.0))
 
 

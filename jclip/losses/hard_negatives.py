@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jclip.losses._device_axis import first_global_row, gather_rows, global_sum
-from jclip.losses._validation import as_scalar, prepare_embeddings
+from jclip.losses._device_axis import first_global_row, gather_rows, global_sum, own_columns
+from jclip.losses._validation import as_scalar, check_has_negatives, prepare_embeddings
 
 
 def hard_negative_clip_loss(zimg, ztxt, scale, *, beta, tau_plus=0.0, axis_name=None):
@@ -46,9 +46,9 @@ def hard_negative_clip_loss(zimg, ztxt, scale, *, beta, tau_plus=0.0, axis_name=
     if not 0 <= tau_plus < 1:
         raise ValueError(f"tau_plus is a probability in [0, 1) (0 disables debiasing); got {tau_plus}")
     zimg, ztxt, local_batch, batch = prepare_embeddings(zimg, ztxt, axis_name=axis_name, ring=False, block_size=None)
-    _check_has_negatives(batch, "hard_negative_clip_loss")
+    check_has_negatives(batch, "hard_negative_clip_loss")
     scale = as_scalar(scale, "scale").astype(zimg.dtype)
-    is_positive = _positive_columns(local_batch, batch, axis_name)
+    is_positive = own_columns(local_batch, axis_name)
     negatives = batch - 1
 
     def over_negatives(logit):
@@ -177,7 +177,7 @@ def mochi_loss(zimg, ztxt, scale, key, *, hardest, mixed, mixed_with_query=0, ax
       The scalar loss of the global batch, the same for every number of devices.
     """
     zimg, ztxt, local_batch, batch = prepare_embeddings(zimg, ztxt, axis_name=axis_name, ring=False, block_size=None)
-    _check_has_negatives(batch, "mochi_loss")
+    check_has_negatives(batch, "mochi_loss")
     for name, value in (("mixed", mixed), ("mixed_with_query", mixed_with_query)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(
@@ -191,7 +191,7 @@ def mochi_loss(zimg, ztxt, scale, key, *, hardest, mixed, mixed_with_query=0, ax
     _check_key(key)
     scale = as_scalar(scale, "scale").astype(zimg.dtype)
     rows = first_global_row(local_batch, axis_name) + jnp.arange(local_batch)
-    is_positive = _positive_columns(local_batch, batch, axis_name)
+    is_positive = own_columns(local_batch, axis_name)
 
     def cross_entropy(queries, paired, direction):
         columns = gather_rows(paired, axis_name)
@@ -248,17 +248,6 @@ def _synthetic_negatives(queries, columns, is_positive, hardest, draws):
     synthetic = jnp.concatenate([two_negatives, with_query], axis=1)
     # + ε: an even mix of two opposite negatives is the zero vector.
     return synthetic / (jnp.linalg.norm(synthetic, axis=-1, keepdims=True) + 1e-12)
-
-
-def _positive_columns(local_batch, batch, axis_name):
-    """`[b, B]` bool: True at each local row's positive among the global batch's columns."""
-    rows = first_global_row(local_batch, axis_name) + jnp.arange(local_batch)
-    return rows[:, None] == jnp.arange(batch)[None, :]
-
-
-def _check_has_negatives(batch, name):
-    if batch < 2:
-        raise ValueError(f"{name} needs negatives: a global batch of at least 2 pairs; got {batch}")
 
 
 def _check_key(key):

@@ -10,7 +10,7 @@ each sample) one term that sees all its positives at once.
 import jax
 import jax.numpy as jnp
 
-from jclip.losses._device_axis import device_count, first_global_row, gather_rows, global_sum
+from jclip.losses._device_axis import device_count, gather_rows, global_sum, own_columns
 from jclip.losses._validation import as_scalar
 
 AGGREGATIONS = ("geometric", "arithmetic")
@@ -34,9 +34,7 @@ def _prepare_views(views, scale, *, axis_name, needs_negatives):
         )
     views = views.astype(jnp.promote_types(views.dtype, jnp.float32))
     scale = as_scalar(scale, "scale").astype(views.dtype)
-    rows = first_global_row(local_batch, axis_name) + jnp.arange(local_batch)
-    other_sample = rows[:, None] != jnp.arange(batch)[None, :]
-    return views, gather_rows(views, axis_name), scale, other_sample, batch
+    return views, gather_rows(views, axis_name), scale, ~own_columns(local_batch, axis_name), batch
 
 
 def _positive_logits(views, scale):
