@@ -1,46 +1,18 @@
 """Importing the optional `torch` extra's open_clip in tests, skipping cleanly when it is absent."""
 
 import functools
-import glob
-import importlib.util
-import os
 
 import pytest
 
-_TORCHVISION_STUBS = []
-
-
-def _define_missing_torchvision_ops(torch):
-    """Let torchvision import when its C extension cannot load.
-
-    PyPI's torchvision wheels are CUDA builds whose `_C` extension does not load
-    next to a CPU-only torch; torchvision 0.28 then fails at import registering
-    fake kernels for `nms` / `qnms`, which open_clip never calls. Declaring the
-    two operator schemas lets the pure-Python parts open_clip needs import.
-    """
-    library = torch.library.Library("torchvision", "DEF")
-    library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _TORCHVISION_STUBS.append(library)
-
-
-def _torchvision_extension_loads(torch) -> bool:
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        return True  # nothing to patch; importing open_clip reports what is missing
-    libraries = glob.glob(os.path.join(spec.submodule_search_locations[0], "_C*.so"))
-    try:
-        torch.ops.load_library(libraries[0])
-    except (OSError, IndexError):
-        return False
-    return True
+from jclip.convert import torch_import
 
 
 def import_open_clip():
-    torch = pytest.importorskip("torch")
-    if not _TORCHVISION_STUBS and not _torchvision_extension_loads(torch):
-        _define_missing_torchvision_ops(torch)
-    return torch, pytest.importorskip("open_clip")
+    """`(torch, open_clip)`, or a skip when the optional torch extra is not installed."""
+    try:
+        return torch_import.import_open_clip()
+    except ImportError as error:
+        pytest.skip(f"the torch extra is not installed ({error})")
 
 
 @functools.lru_cache(maxsize=None)

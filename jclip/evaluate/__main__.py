@@ -7,10 +7,14 @@ checkpoint at PATH (a `RUN/checkpoints/STEP` directory, such as one that
 plots/ to DIR (default: the checkpoint's run directory) and prints a table per task.
 """
 
-from absl import flags
+from jclip.host_memory import reuse_freed_memory
 
-from jclip import cli
-from jclip.evaluate.from_checkpoint import evaluate_checkpoint
+reuse_freed_memory()  # before JAX starts its threads
+
+from absl import flags  # noqa: E402
+
+from jclip import cli  # noqa: E402
+from jclip.evaluate.from_checkpoint import evaluate_checkpoint  # noqa: E402
 
 flags.DEFINE_integer("step", None, "Evaluate the checkpoint of this step instead of the latest.")
 flags.DEFINE_string("checkpoint", None, "A checkpoint directory (RUN/checkpoints/STEP) or run directory to "

@@ -14,7 +14,7 @@ from jclip.models.vision import VisionTransformer
 VISION_TOWERS = {"vit": VisionTransformer, "resnet": ModifiedResNet}
 
 # Arguments CLIP sets on both towers; they are not tower options.
-SHARED_TOWER_ARGUMENTS = ("embed_dim", "dtype", "remat", "logical_axes")
+SHARED_TOWER_ARGUMENTS = ("embed_dim", "dtype", "remat", "logical_axes", "matmul_dtype")
 
 
 def l2_normalize(z: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -42,6 +42,10 @@ class CLIP(nn.Module):
     (`VisionTransformer`, default) or "resnet" (`ModifiedResNet`); `text` those
     of `TextTransformer`. `dtype` is the computation dtype of both towers
     ("bfloat16" for mixed precision; parameters, embeddings, scale and bias stay
+    float32); `matmul_dtype` ("bfloat16") makes the transformers' dense layers
+    take bfloat16 inputs and accumulate in float32, forward and backward, with
+    everything else float32 (`jclip.models.precision`; on CPUs with bfloat16
+    units the fast mixed precision, where `dtype="bfloat16"` is slower than
     float32); `remat` recomputes each block in the backward pass; `logical_axes`
     makes `init` return parameters boxed with logical axis names
     (`jclip.models.partitioning`).
@@ -56,10 +60,16 @@ class CLIP(nn.Module):
     dtype: str = "float32"
     remat: bool = False
     logical_axes: bool = False
+    matmul_dtype: Optional[str] = None
 
     def setup(self):
         shared = dict(embed_dim=self.embed_dim, dtype=jnp.dtype(self.dtype), remat=self.remat,
                       logical_axes=self.logical_axes)
+        if self.matmul_dtype:
+            if vision_tower_class(self.vision) is not VisionTransformer:
+                raise ValueError(f"matmul_dtype={self.matmul_dtype!r} needs a ViT image tower; for the ResNet "
+                                 "tower use dtype='bfloat16'")
+            shared["matmul_dtype"] = self.matmul_dtype
         vision = {k: v for k, v in self.vision.items() if k != "type"}
         self.image_tower = vision_tower_class(self.vision)(**vision, **shared)
         self.text_tower = TextTransformer(**self.text, **shared)

@@ -57,6 +57,15 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         vision=dict(patch_size=16, width=32, depth=1, num_heads=2, stem="patch"),
         text=dict(vocab_size=512, context_length=16, width=32, depth=1, num_heads=2),
     ),
+    # The throughput benchmark's model (benchmarks/train_throughput.py): OpenAI CLIP's
+    # architecture at 64 px, small enough to time on a CPU; 22,332,417 parameters, as
+    # OpenCLIP's model of the same shape.
+    "bench-small": dict(
+        embed_dim=256,
+        vision=dict(image_size=64, patch_size=8, width=256, depth=6, num_heads=4, norm_eps=1e-5),
+        text=dict(vocab_size=49408, context_length=32, width=256, depth=6, num_heads=4, pool="argmax",
+                  norm_eps=1e-5),
+    ),
     "ViT-S-32": _openai_vit(384, 32, 384, 12, 384, 6),
     "ViT-B-32": _openai_vit(512, 32, 768, 12, 512, 8),
     "ViT-B-32-quickgelu": _openai_vit(512, 32, 768, 12, 512, 8, activation="quick_gelu"),

@@ -41,6 +41,7 @@ class TextTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     logical_axes: bool = False
+    matmul_dtype: Optional[str] = None
 
     def _pool(self, x, tokens):
         if self.pool == "eos":
@@ -67,7 +68,8 @@ class TextTransformer(nn.Module):
         x = x + pos[:length].astype(x.dtype)
         mask: Optional[jnp.ndarray] = nn.make_causal_mask(tokens) if self.causal else None
         x = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
-                    self.remat, self.logical_axes, name="encoder")(x, mask)
+                    self.remat, self.logical_axes, self.matmul_dtype, name="encoder")(x, mask)
         x = layer_norm(self.norm_eps, self.dtype, "ln_final")(x)
         x = self._pool(x, tokens)
-        return dense(self.embed_dim, ("embed", "proj"), self.logical_axes, self.dtype, "proj", use_bias=self.proj_bias)(x)
+        return dense(self.embed_dim, ("embed", "proj"), self.logical_axes, self.dtype, "proj", use_bias=self.proj_bias,
+                     matmul_dtype=self.matmul_dtype)(x)

@@ -49,6 +49,7 @@ class MAPHead(nn.Module):
     dtype: jnp.dtype = jnp.float32
     norm_eps: float = 1e-6
     logical_axes: bool = False
+    matmul_dtype: Optional[str] = None
 
     @nn.compact
     def __call__(self, x):
@@ -56,9 +57,10 @@ class MAPHead(nn.Module):
         latent = self.param("latent", initializer(nn.initializers.normal(width**-0.5), (None, "seq", "embed"),
                                                   self.logical_axes), (1, 1, width))
         query = jnp.broadcast_to(latent, (batch, 1, width)).astype(x.dtype)
-        z = attention(self.num_heads, self.logical_axes, self.dtype, "attn")(query, x)
+        z = attention(self.num_heads, self.logical_axes, self.dtype, "attn", matmul_dtype=self.matmul_dtype)(query, x)
         y = layer_norm(self.norm_eps, self.dtype, "ln")(z)
-        z = z + MlpBlock(int(width * self.mlp_ratio), self.activation, self.dtype, self.logical_axes, name="mlp")(y)
+        z = z + MlpBlock(int(width * self.mlp_ratio), self.activation, self.dtype, self.logical_axes,
+                         self.matmul_dtype, name="mlp")(y)
         return z[:, 0]
 
 
@@ -114,6 +116,7 @@ class VisionTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     logical_axes: bool = False
+    matmul_dtype: Optional[str] = None
 
     def _check(self, images):
         if images.ndim != 4 or images.shape[-1] != 3:
@@ -176,14 +179,15 @@ class VisionTransformer(nn.Module):
         if self.ln_pre:
             x = layer_norm(self.norm_eps, self.dtype, "ln_pre")(x)
         x = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
-                    self.remat, self.logical_axes, name="encoder")(x)
+                    self.remat, self.logical_axes, self.matmul_dtype, name="encoder")(x)
         if self.pool == "map":
             x = layer_norm(self.norm_eps, self.dtype, "ln_post")(x)
             x = MAPHead(self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
-                        self.logical_axes, name="map_head")(x)
+                        self.logical_axes, self.matmul_dtype, name="map_head")(x)
         else:
             x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
             x = layer_norm(self.norm_eps, self.dtype, "ln_post")(x)
         if not self.projection:
             return x
-        return dense(self.embed_dim, ("embed", "proj"), self.logical_axes, self.dtype, "proj", use_bias=False)(x)
+        return dense(self.embed_dim, ("embed", "proj"), self.logical_axes, self.dtype, "proj", use_bias=False,
+                     matmul_dtype=self.matmul_dtype)(x)

@@ -4,8 +4,12 @@ Trains, resuming from the latest checkpoint in DIR if there is one, and
 evaluates at the end. `--multihost` joins a multi-process job.
 """
 
-from jclip import cli
-from jclip.train.loop import train
+from jclip.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # before JAX starts its threads
+
+from jclip import cli  # noqa: E402
+from jclip.train.loop import train  # noqa: E402
 
 
 def run():

@@ -1,0 +1,341 @@
+"""Training-step throughput and MFU of jclip, side by side with OpenCLIP.
+
+Times the full training step (forward, CLIP loss, backward, AdamW update)
+after warm-up and prints a table: samples/s, median step time, model GFLOPs
+per sample, achieved GFLOP/s, MFU against the matmul peak this script measures
+on the device at that precision, and peak memory. The last line is one JSON
+object with the figures.
+
+    python benchmarks/train_throughput.py --model bench-small --batch 128 --precision fp32 --baseline open_clip
+    python benchmarks/train_throughput.py --precision bf16 --baseline open_clip
+    python benchmarks/train_throughput.py --batch 16 --scaling 1,2,4,8    # fixed per-device batch
+
+Each measurement runs in its own process, so JAX and PyTorch never share
+thread pools and each one's memory is its own. `--baseline open_clip` builds
+the same architecture with OpenCLIP (the optional torch extra), the same
+batch, loss and AdamW, at the same precision: float32, or `torch.autocast`
+bfloat16 for `bf16`. jclip's `bf16` is the model's `matmul_dtype="bfloat16"`:
+bfloat16 matmul inputs with float32 accumulation, everything else float32, the
+policy `torch.autocast` applies. With `--scaling` the devices are simulated
+CPU devices unless the machine has that many accelerators.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MATMUL_SIZE = {"cpu": 2048, "gpu": 8192, "tpu": 8192}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench-small", help="a name from jclip.models.list_models()")
+    parser.add_argument("--batch", type=int, default=128, help="global batch (per device with --scaling)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up; the median is reported")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--baseline", choices=("open_clip",), help="also time OpenCLIP's model of the same shape")
+    parser.add_argument("--scaling", help="device counts, e.g. 1,2,4,8: the batch is per device")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="extra jclip rows, NAME:KEY=VALUE,... of model options (e.g. remat:remat=True), "
+                             "or host_malloc=default (glibc's default allocator settings); repeatable")
+    parser.add_argument("--worker", choices=("jclip", "open_clip"), help=argparse.SUPPRESS)
+    parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def parse_options(text: str) -> dict:
+    """"remat=True,dtype=bfloat16" -> {"remat": True, "dtype": "bfloat16"}."""
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value.lower() if value in ("True", "False") else value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summarize_times(times: list[float], batch: int, flops_per_sample: float, peak_flops: float) -> dict:
+    step = statistics.median(times)
+    achieved = batch * flops_per_sample / step
+    return {"samples_per_s": batch / step, "median_step_s": step, "gflops_per_sample": flops_per_sample / 1e9,
+            "achieved_gflops_per_s": achieved / 1e9, "peak_gflops_per_s": peak_flops / 1e9,
+            "mfu": achieved / peak_flops}
+
+
+# ---------------------------------------------------------------- jclip worker
+
+
+def jclip_worker(args) -> dict:
+    options = parse_options(args.options)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from jclip import models, parallel
+    from jclip.models.summary import training_flops_per_pair
+    from jclip.train.state import create_train_state, replicated_state_specs
+    from jclip.train.step import make_train_step
+
+    overrides = {k: v for k, v in options.items() if k != "host_malloc"}  # the rest are model options
+    if args.precision == "bf16":
+        overrides.setdefault("matmul_dtype", "bfloat16")
+    model = models.create(args.model, **overrides)
+    config = models.model_config(args.model, **overrides)
+    image_size, length = config["vision"]["image_size"], config["text"]["context_length"]
+    image_shape = (image_size, image_size, 3)
+    mesh = parallel.make_mesh(args.devices)
+    batch_size = args.batch * args.devices if args.scaling else args.batch
+    parallel.check_batch_size(batch_size, mesh, "--batch")
+    optimizer = optax.adamw(1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
+                            mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+    specs = replicated_state_specs(model, optimizer, image_shape, length)
+    state = create_train_state(model, optimizer, jax.random.key(0), image_shape, length, mesh, specs)
+    train_step = make_train_step(model, optimizer, mesh, specs)
+    rng = np.random.default_rng(0)
+    batch = parallel.global_batch({
+        "image": rng.standard_normal((batch_size, *image_shape), dtype=np.float32),
+        "tokens": random_tokens(rng, batch_size, length, config["text"]["vocab_size"]),
+    }, mesh)
+
+    compile_start = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - compile_start
+    for _ in range(args.warmup):
+        state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = train_step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+
+    platform = jax.devices()[0].platform
+    peak = measure_jax_matmul_peak(args.precision, MATMUL_SIZE.get(platform, 2048))
+    if platform != "cpu":  # simulated CPU devices share the host's cores; accelerators add up
+        peak *= args.devices
+    flops = training_flops_per_pair(model, image_shape, length)
+    result = summarize_times(times, batch_size, flops, peak)
+    stats = jax.devices()[0].memory_stats() or {}
+    result.update(peak_memory_mib=stats.get("peak_bytes_in_use", 0) / 2**20 or peak_memory_mib(),
+                  compile_s=compile_s, loss=float(metrics["loss"]), device=jax.devices()[0].device_kind,
+                  devices=args.devices, batch=batch_size,
+                  parameters=sum(x.size for x in jax.tree.leaves(state.params)))
+    return result
+
+
+def random_tokens(rng, batch: int, length: int, vocab_size: int):
+    """Token ids with an end-of-text token (the largest id) at a random position, zeros after it."""
+    import numpy as np
+
+    tokens = rng.integers(1, vocab_size - 1, size=(batch, length), dtype=np.int32)
+    ends = rng.integers(length // 2, length, size=batch)
+    positions = np.arange(length)[None]
+    tokens = np.where(positions < ends[:, None], tokens, 0)
+    tokens[np.arange(batch), ends] = vocab_size - 1
+    return tokens
+
+
+def measure_jax_matmul_peak(precision: str, n: int) -> float:
+    """The FLOP/s of a large square matmul: float32, or bfloat16 inputs accumulated in float32."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.float32 if precision == "fp32" else jnp.bfloat16
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    jax.block_until_ready(matmul(a, b))
+    return 2 * n**3 / best_time(lambda: jax.block_until_ready(matmul(a, b)))
+
+
+def best_time(run, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# ------------------------------------------------------------ OpenCLIP worker
+
+
+def open_clip_worker(args) -> dict:
+    import numpy as np
+
+    from jclip import models
+    from jclip.convert.torch_import import import_open_clip
+
+    torch, open_clip = import_open_clip()
+    config = models.model_config(args.model)
+    vision, text = config["vision"], config["text"]
+    if vision.get("type", "vit") != "vit" or "decoder" in config:
+        raise SystemExit(f"--baseline open_clip supports ViT CLIP models; {args.model} is not one")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(
+        embed_dim=config["embed_dim"],
+        vision_cfg=open_clip.model.CLIPVisionCfg(
+            layers=vision["depth"], width=vision["width"], head_width=vision["width"] // vision["num_heads"],
+            patch_size=vision["patch_size"], image_size=vision["image_size"]),
+        text_cfg=open_clip.model.CLIPTextCfg(
+            context_length=text["context_length"], vocab_size=text["vocab_size"], width=text["width"],
+            heads=text["num_heads"], layers=text["depth"]),
+        output_dict=True,
+    ).to(device)
+    # OpenCLIP's training script: no weight decay on gains, biases and the logit scale.
+    decayed = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    others = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+                                  lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = open_clip.ClipLoss()
+    rng = np.random.default_rng(0)
+    size, length = vision["image_size"], text["context_length"]
+    images = torch.from_numpy(rng.standard_normal((args.batch, 3, size, size), dtype=np.float32)).to(device)
+    tokens = torch.from_numpy(random_tokens(rng, args.batch, length, text["vocab_size"]).astype(np.int64)).to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(images, tokens)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
+        return loss
+
+    for _ in range(1 + args.warmup):
+        step()
+    synchronize()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    peak = measure_torch_matmul_peak(torch, device, args.precision)
+    flops = float(args.flops_per_sample)
+    result = summarize_times(times, args.batch, flops, peak)
+    memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_memory_mib()
+    result.update(peak_memory_mib=memory, loss=float(loss), device=device, devices=1, batch=args.batch,
+                  parameters=sum(p.numel() for p in model.parameters()), torch=torch.__version__,
+                  open_clip=open_clip.__version__)
+    return result
+
+
+def measure_torch_matmul_peak(torch, device: str, precision: str) -> float:
+    n = 8192 if device == "cuda" else 2048
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch.mm(a, b)
+    sync()
+    return 2 * n**3 / best_time(lambda: (torch.mm(a, b), sync()))
+
+
+# ------------------------------------------------------------------ the driver
+
+
+def run_worker(args, worker: str, devices: int = 1, options: str = "", flops_per_sample: float = 0.0) -> dict:
+    """One measurement in a fresh process; returns its JSON result."""
+    command = [sys.executable, __file__, "--worker", worker, "--model", args.model, "--batch", str(args.batch),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
+               "--devices", str(devices), "--options", options]
+    if args.scaling:
+        command += ["--scaling", args.scaling]
+    environment = dict(os.environ, JCLIP_FLOPS_PER_SAMPLE=str(flops_per_sample))
+    if devices > 1:
+        environment["XLA_FLAGS"] = (environment.get("XLA_FLAGS", "") +
+                                    f" --xla_force_host_platform_device_count={devices}").strip()
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True)
+    if completed.returncode:
+        sys.stderr.write(completed.stderr[-4000:])
+        raise SystemExit(f"the {worker} measurement failed (exit {completed.returncode})")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[tuple[str, dict]], baseline: str = None) -> None:
+    columns = ("samples/s", "step s", "GFLOP/sample", "GFLOP/s", "MFU", "peak MiB")
+    keys = ("samples_per_s", "median_step_s", "gflops_per_sample", "achieved_gflops_per_s", "mfu", "peak_memory_mib")
+    formats = ("{:.1f}", "{:.3f}", "{:.2f}", "{:.1f}", "{:.1%}", "{:.0f}")
+    width = max(len(name) for name, _ in rows) + 2
+    header = f"{'':<{width}}" + "".join(f"{c:>14}" for c in columns)
+    if baseline:
+        header += f"{'vs ' + baseline:>16}"
+    print(header)
+    reference = dict(rows).get(baseline)
+    for name, result in rows:
+        line = f"{name:<{width}}" + "".join(f"{f.format(result[k]):>14}" for k, f in zip(keys, formats))
+        if reference:
+            line += f"{result['samples_per_s'] / reference['samples_per_s']:>15.2f}x"
+        print(line)
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        # jclip's entry points keep freed host memory for reuse (jclip.host_memory); OpenCLIP's row
+        # runs as its users run it, and once more with the same setting (host_malloc=reuse).
+        default_malloc = "reuse" if args.worker == "jclip" else "default"
+        if parse_options(args.options).get("host_malloc", default_malloc) == "reuse":
+            from jclip.host_memory import reuse_freed_memory
+
+            reuse_freed_memory()
+        args.flops_per_sample = os.environ.get("JCLIP_FLOPS_PER_SAMPLE", "0")
+        result = jclip_worker(args) if args.worker == "jclip" else open_clip_worker(args)
+        print(json.dumps(result))
+        return
+    summary = {"model": args.model, "precision": args.precision}
+    if args.scaling:
+        counts = [int(n) for n in args.scaling.split(",")]
+        rows = [(f"jclip {n} device{'s' * (n > 1)}", run_worker(args, "jclip", n)) for n in counts]
+        print(f"\n{args.model}, {args.precision}, {args.batch} pairs per device, on {rows[0][1]['device']}")
+        print_table(rows)
+        one = rows[0][1]["samples_per_s"] / counts[0]
+        for (name, result), n in zip(rows, counts):
+            print(f"{name}: scaling efficiency {result['samples_per_s'] / (one * n):.0%}")
+        summary["scaling"] = {n: result for n, (_, result) in zip(counts, rows)}
+    else:
+        rows = [("jclip", run_worker(args, "jclip"))]
+        for variant in args.variant:
+            name, _, options = variant.partition(":")
+            rows.append((f"jclip {name}", run_worker(args, "jclip", options=options)))
+        if args.baseline:
+            flops = rows[0][1]["gflops_per_sample"] * 1e9
+            rows.append(("open_clip", run_worker(args, "open_clip", flops_per_sample=flops)))
+            rows.append(("open_clip, jclip's malloc setting",
+                         run_worker(args, "open_clip", options="host_malloc=reuse", flops_per_sample=flops)))
+            for _, result in rows:  # one device peak for both: the faster library's matmul
+                result["peak_gflops_per_s"] = max(r["peak_gflops_per_s"] for _, r in rows)
+                result["mfu"] = result["achieved_gflops_per_s"] / result["peak_gflops_per_s"]
+        print(f"\n{args.model}, batch {args.batch}, {args.precision}, on {rows[0][1]['device']}; "
+              f"median of {args.steps} steps; matmul peak {rows[0][1]['peak_gflops_per_s']:.0f} GFLOP/s")
+        print_table(rows, "open_clip" if args.baseline else None)
+        summary.update(rows[0][1])
+        summary["rows"] = dict(rows)
+        if args.baseline:
+            summary["ratio_vs_open_clip"] = rows[0][1]["samples_per_s"] / dict(rows)["open_clip"]["samples_per_s"]
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
