@@ -129,7 +129,9 @@ def jclip_worker(args) -> dict:
     peak = measure_jax_matmul_peak(args.precision, MATMUL_SIZE.get(platform, 2048))
     if platform != "cpu":  # simulated CPU devices share the host's cores; accelerators add up
         peak *= args.devices
-    flops = training_flops_per_pair(model, image_shape, length)
+    # Model FLOPs are the architecture's: counted on the float32 model (a cast is not a FLOP).
+    float32_model = models.create(args.model, **{k: v for k, v in overrides.items() if k != "matmul_dtype"})
+    flops = training_flops_per_pair(float32_model, image_shape, length)
     result = summarize_times(times, batch_size, flops, peak)
     stats = jax.devices()[0].memory_stats() or {}
     result.update(peak_memory_mib=stats.get("peak_bytes_in_use", 0) / 2**20 or peak_memory_mib(),

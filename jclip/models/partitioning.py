@@ -119,3 +119,16 @@ def gather_on_use(params: Any, specs: Any, axis_name: str) -> Any:
         return GatherOnUse(value, dims[0], axis_name) if dims else value
 
     return jax.tree.map(box, specs, params, is_leaf=_is_spec)
+
+
+def vary_alike(*arrays):
+    """Under `jax.shard_map`, mark each array as varying over every mesh axis any of them varies over.
+
+    A replicated parameter applied to a per-device input has a per-device
+    gradient; a custom VJP must see the parameter as per-device too, and the
+    cast's transpose then sums the gradient over the axis, as plain autodiff
+    would. Outside `shard_map` nothing varies and the arrays come back as they are.
+    """
+    axes = set().union(*(jax.typeof(x).mat.varying for x in arrays))
+    return tuple(lax.pcast(x, tuple(sorted(axes - jax.typeof(x).mat.varying)), to="varying")
+                 if axes - jax.typeof(x).mat.varying else x for x in arrays)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jclip.models.partitioning import vary_alike
+
 
 def _contract(lhs, rhs, lhs_axes, rhs_axes):
     return lax.dot_general(lhs, rhs, ((tuple(lhs_axes), tuple(rhs_axes)), ((), ())),
@@ -49,18 +51,6 @@ def _tensordot_backward(contracted, dtype, residuals, cotangent):
 _tensordot.defvjp(_tensordot_forward, _tensordot_backward)
 
 
-def _vary_alike(*arrays):
-    """Under `jax.shard_map`, mark each array as varying over every mesh axis any of them varies over.
-
-    A replicated kernel times a per-device input has a per-device gradient; a
-    custom VJP must see the kernel as per-device too, and the cast's transpose
-    then sums the gradient over the axis, as plain autodiff would.
-    """
-    axes = set().union(*(jax.typeof(x).mat.varying for x in arrays))
-    return tuple(lax.pcast(x, tuple(sorted(axes - jax.typeof(x).mat.varying)), to="varying")
-                 if axes - jax.typeof(x).mat.varying else x for x in arrays)
-
-
 def low_precision_dot_general(dtype):
     """A `lax.dot_general` for Flax layers computing in `dtype` (e.g. "bfloat16") with float32 accumulation.
 
@@ -76,7 +66,7 @@ def low_precision_dot_general(dtype):
                 or tuple(rhs_contracting) != tuple(range(contracted))):
             raise ValueError(f"low_precision_dot_general contracts trailing input axes with leading kernel axes; "
                              f"got dimension numbers {dimension_numbers}")
-        lhs, rhs = _vary_alike(lhs, rhs)
+        lhs, rhs = vary_alike(lhs, rhs)
         return _tensordot(lhs, rhs, contracted, dtype)
 
     return dot_general
