@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 50
     config.tensorboard = True  # event files in <workdir>/tensorboard besides metrics.jsonl
     config.peak_flops_per_device = placeholder(float)  # for MFU where the device is not in the table
+    config.profile_steps = placeholder(str)  # "a:b": a JAX profiler trace of steps a..b-1 in <workdir>/profile
     config.checkpoint_every = 250  # steps
     config.checkpoint_every_minutes = placeholder(float)  # also save when this long has passed (checked at logs)
     config.keep_checkpoints = 2  # the last K

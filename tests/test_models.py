@@ -157,3 +157,66 @@ def test_summary_counts_parameters_and_flops():
     row = summarize("ViT-B-32")
     assert row["params_m"] == pytest.approx(151.28, abs=0.01)  # OpenCLIP's count
     assert 8.5 < row["image_gflops"] < 9.5 and 5.5 < row["text_gflops"] < 6.5  # 2 x OpenCLIP's 4.41 / 2.96 GMACs
+
+
+def test_bench_small_has_open_clip_parameter_count():
+    assert summarize("bench-small")["params_m"] * 1e6 == pytest.approx(22_332_417, abs=0.5)
+
+
+def test_layer_norm_and_gelu_match_flax_and_jax_with_their_gradients():
+    from jclip.models.transformer import LayerNorm, gelu
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16)) * 3 + 1
+    weights = jnp.arange(16.0) / 16
+    ours, flax_norm = LayerNorm(1e-5), nn.LayerNorm(1e-5, use_fast_variance=False)
+    variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.key(1), v.shape),
+                             flax_norm.init(jax.random.key(2), x))
+    np.testing.assert_allclose(ours.apply(variables, x), flax_norm.apply(variables, x), atol=1e-5)
+    loss = lambda module: lambda v, x: (module.apply(v, x) * weights).sum()
+    ours_grads = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+    flax_grads = jax.grad(loss(flax_norm), argnums=(0, 1))(variables, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), ours_grads, flax_grads)
+    z = jnp.linspace(-8.0, 8.0, 1001)
+    np.testing.assert_allclose(gelu(z), jax.nn.gelu(z, approximate=False), atol=2e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(z),
+                               jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(z), atol=2e-6)
+
+
+def test_low_precision_matmuls_round_inputs_and_cotangents_and_accumulate_in_float32():
+    from jclip.models.precision import low_precision_dot_general
+
+    rng = np.random.default_rng(0)
+    x, w, g = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((4, 3, 24), (24, 2, 5), (4, 3, 2, 5)))
+    dot = low_precision_dot_general("bfloat16")
+    dims = (((2,), (0,)), ((), ()))
+    out, vjp = jax.vjp(lambda x, w: dot(x, w, dims), x, w)
+    x_grad, w_grad = vjp(g)
+    rounded = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float64))
+    xr, wr, gr = rounded(x), rounded(w), rounded(g)
+    assert out.dtype == jnp.float32 and x_grad.dtype == jnp.float32
+    np.testing.assert_allclose(out, np.einsum("btk,khd->bthd", xr, wr), rtol=1e-5, atol=1e-5)
+    # The backward matmuls take the bfloat16-rounded cotangent (autodiff of a cast would not round it).
+    np.testing.assert_allclose(x_grad, np.einsum("bthd,khd->btk", gr, wr), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w_grad, np.einsum("btk,bthd->khd", xr, gr), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="contracts trailing input axes"):
+        dot(x, w, (((1,), (0,)), ((), ())))
+
+
+def test_bfloat16_matmul_model_is_close_to_float32_and_shards_exactly():
+    from batches import random_batch
+    from jclip.train.step import make_gradient_step
+
+    batch = random_batch(8)
+    results = {}
+    for matmul_dtype, devices in ((None, 1), ("bfloat16", 1), ("bfloat16", 2)):
+        model = models.create("test-micro", matmul_dtype=matmul_dtype)
+        params = model.init(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
+        mesh = parallel.make_mesh(devices)
+        results[matmul_dtype, devices] = jax.device_get(
+            make_gradient_step(model, mesh)(params, parallel.global_batch(batch, mesh)))
+    (loss_32, grads_32), (loss_16, grads_16), (loss_sharded, grads_sharded) = results.values()
+    assert abs(loss_16 - loss_32) < 0.02 * abs(loss_32)
+    np.testing.assert_allclose(loss_sharded, loss_16, rtol=1e-5)
+    largest = max(np.abs(g).max() for g in jax.tree.leaves(grads_32))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3 * largest), grads_sharded, grads_16)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.05 * largest), grads_16, grads_32)

@@ -1,5 +1,6 @@
 """The sharded train step, the loop, checkpoints and resume."""
 
+import glob
 import json
 import os
 import signal
@@ -19,8 +20,10 @@ from jclip import models, parallel
 from jclip.checkpoint import Checkpointer, ModelMismatchError
 from jclip.data import pipeline
 from jclip.evaluate.from_checkpoint import evaluate_checkpoint
+from jclip.host_memory import reuse_freed_memory
 from jclip.train.loop import train
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule, weight_decay_mask
+from jclip.train.profiling import parse_step_range
 from jclip.train.state import abstract_train_state
 from jclip.train.step import make_gradient_step
 
@@ -79,8 +82,10 @@ def test_short_run_lowers_loss_and_evaluates(tiny_config, tmp_path):
     tiny_config.optimizer.learning_rate = 3e-3
     tiny_config.log_every = 5
     tiny_config.evaluate.every_steps = 20
+    tiny_config.profile_steps = "3:5"
     workdir = str(tmp_path / "run")
     train(tiny_config, workdir)
+    assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
     lines = read_metrics(workdir)
     losses = [m["loss"] for m in lines if "loss" in m]
     assert len(losses) == 8
@@ -146,6 +151,15 @@ def test_run_stopped_by_sigterm_resumes_exactly(tiny_config, tmp_path, monkeypat
     assert restore_params(tiny_config, workdir)[1]["data_position"] == uninterrupted_record["data_position"]
     steps = [m["step"] for m in read_metrics(workdir)]  # no step logged twice
     assert steps == sorted(set(steps)) and steps[-1] == tiny_config.total_steps
+
+
+def test_bad_profile_steps_and_host_memory_opt_out(monkeypatch):
+    for spec in ("5", "5:5", "a:b", "-1:3"):
+        with pytest.raises(ValueError, match="use 'a:b' with 0 <= a < b"):
+            parse_step_range(spec)
+    assert parse_step_range("10:15") == (10, 15)
+    monkeypatch.setenv("JCLIP_HOST_MALLOC", "default")
+    assert reuse_freed_memory() is False
 
 
 def test_bad_batch_size_is_a_clear_error(tiny_config, tmp_path):

@@ -23,6 +23,7 @@ from jclip.evaluate.tasks import run_tasks, select_tasks
 from jclip.models.summary import training_flops_per_pair
 from jclip.train.metrics_writer import MetricsWriter
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule
+from jclip.train.profiling import StepProfiler
 from jclip.train.state import TrainState, abstract_train_state, create_train_state, parameter_specs, state_specs
 from jclip.train.step import make_train_step
 from jclip.train.teacher import make_teacher
@@ -152,6 +153,7 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
         return parallel.process_zero_decides(due)
 
     writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
+    profiler = StepProfiler(config.get("profile_steps"), os.path.join(workdir, "profile"))
 
     def check_finite(metrics: dict, step: int) -> None:
         """Stop on a non-finite loss or gradient, unless the optimizer skips such updates."""
@@ -173,7 +175,9 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
                 batch = next(batches)
                 if teacher is not None:
                     batch.update(teacher(batch))
+                profiler.before(step)
                 state, metrics = train_step(state, batch)
+                profiler.after(step, metrics)
                 step += 1
                 throughput.step()
                 logging = step % config.log_every == 0 or step == end_step
@@ -200,6 +204,7 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
                 check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step)
             checkpointer.save(step, state, record, force=True)
     finally:
+        profiler.stop()
         checkpointer.wait()
         checkpointer.close()
         writer.close()

@@ -1,0 +1,106 @@
+"""The training loop's own overhead: data wait, logging and checkpoint triggers, against the bare step.
+
+Runs the demo recipe (`configs/shapes_tiny.py`) twice on this machine:
+
+- bare: the jitted train step on one batch already on the device, `--steps`
+  times back to back (the step alone);
+- loop: `jclip.train.loop.train` for warm-up + `--steps` steps, with the
+  recipe's input pipeline, logging every `log_every` steps, checkpoint
+  triggers and progress bar; its time per step comes from the wall clock the
+  loop writes to metrics.jsonl at two log points, so compilation, the first
+  batches and the final checkpoint are not in it.
+
+The overhead is loop / bare - 1; the goal is under 5 %.
+
+    python benchmarks/loop_overhead.py                 # about 3 minutes on 2 CPU cores
+"""
+
+from jclip.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # as the entry points do, before JAX starts its threads
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+
+from jclip import models, parallel  # noqa: E402
+from jclip.data import pipeline  # noqa: E402
+from jclip.data.sources import build_source  # noqa: E402
+from jclip.data.tokenizers import load_tokenizer  # noqa: E402
+from jclip.train.loop import train, train_state_specs  # noqa: E402
+from jclip.train.optimizer import build_optimizer  # noqa: E402
+from jclip.train.state import create_train_state  # noqa: E402
+from jclip.train.step import make_train_step  # noqa: E402
+
+
+def demo_config():
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
+    spec = importlib.util.spec_from_file_location("shapes_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def bare_step_seconds(config, steps: int) -> float:
+    """Seconds per step of the recipe's train step on one device-resident batch."""
+    mesh = parallel.make_mesh()
+    sources = [build_source(options, config.data.data_dir) for options in config.data.sources.values()]
+    tokenizer = load_tokenizer(config.data.tokenizer, config.data.data_dir)
+    batches = pipeline.TrainInput(sources, tokenizer, mesh, batch_size=config.batch_size,
+                                  text_length=config.data.text_length, seed=config.seed,
+                                  shuffle_buffer=config.data.shuffle_buffer, image_preprocess=config.data.preprocess)
+    batch = next(batches)
+    model = models.model_class(config.model)(**config.model)
+    optimizer = build_optimizer(config)
+    specs = train_state_specs(config, model, optimizer, mesh)
+    image_shape = (config.data.image_size, config.data.image_size, 3)
+    state = create_train_state(model, optimizer, jax.random.key(0), image_shape, config.data.text_length, mesh, specs)
+    step = make_train_step(model, optimizer, mesh, specs, config.losses.to_dict(), config.micro_batches,
+                           config.ema_decay, config.seed)
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / steps
+
+
+def loop_step_seconds(config, steps: int, workdir: str) -> float:
+    """Seconds per step of `train` between its log points at `log_every` and `log_every + steps`."""
+    config.total_steps = config.log_every + steps
+    train(config, workdir, evaluate_at_end=False)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        seconds = {record["step"]: record["seconds"] for record in map(json.loads, f) if "seconds" in record}
+    return (seconds[config.log_every + steps] - seconds[config.log_every]) / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100, help="timed steps (a multiple of the recipe's log_every)")
+    args = parser.parse_args()
+    config = demo_config()
+    if args.steps % config.log_every:
+        raise SystemExit(f"--steps must be a multiple of log_every={config.log_every}")
+    bare = bare_step_seconds(config, args.steps)
+    with tempfile.TemporaryDirectory() as workdir:
+        loop = loop_step_seconds(config, args.steps, workdir)
+    overhead = loop / bare - 1
+    print(f"\nshapes_tiny recipe, batch {config.batch_size}, {jax.device_count()} {jax.devices()[0].platform} "
+          f"device(s), log every {config.log_every} steps, {args.steps} steps timed")
+    print(f"{'':<26}{'s/step':>10}{'samples/s':>12}")
+    print(f"{'bare train step':<26}{bare:>10.4f}{config.batch_size / bare:>12.1f}")
+    print(f"{'training loop':<26}{loop:>10.4f}{config.batch_size / loop:>12.1f}")
+    print(f"loop overhead: {overhead:.1%} of the step time (goal: under 5 %)")
+    print(json.dumps({"bare_step_s": bare, "loop_step_s": loop, "overhead": overhead}))
+
+
+if __name__ == "__main__":
+    main()
