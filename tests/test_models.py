@@ -191,7 +191,7 @@ def test_low_precision_matmuls_round_inputs_and_cotangents_and_accumulate_in_flo
     dims = (((2,), (0,)), ((), ()))
     out, vjp = jax.vjp(lambda x, w: dot(x, w, dims), x, w)
     x_grad, w_grad = vjp(g)
-    rounded = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float64))
+    rounded = lambda a: np.asarray(a.astype(jnp.bfloat16)).astype(np.float64)
     xr, wr, gr = rounded(x), rounded(w), rounded(g)
     assert out.dtype == jnp.float32 and x_grad.dtype == jnp.float32
     np.testing.assert_allclose(out, np.einsum("btk,khd->bthd", xr, wr), rtol=1e-5, atol=1e-5)
@@ -202,21 +202,18 @@ def test_low_precision_matmuls_round_inputs_and_cotangents_and_accumulate_in_flo
         dot(x, w, (((1,), (0,)), ((), ())))
 
 
-def test_bfloat16_matmul_model_is_close_to_float32_and_shards_exactly():
+def test_bfloat16_matmul_model_shards_exactly():
     from batches import random_batch
     from jclip.train.step import make_gradient_step
 
     batch = random_batch(8)
-    results = {}
-    for matmul_dtype, devices in ((None, 1), ("bfloat16", 1), ("bfloat16", 2)):
-        model = models.create("test-micro", matmul_dtype=matmul_dtype)
-        params = model.init(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
+    model = models.create("test-micro", matmul_dtype="bfloat16")
+    params = model.init(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
+    results = []
+    for devices in (1, 2):
         mesh = parallel.make_mesh(devices)
-        results[matmul_dtype, devices] = jax.device_get(
-            make_gradient_step(model, mesh)(params, parallel.global_batch(batch, mesh)))
-    (loss_32, grads_32), (loss_16, grads_16), (loss_sharded, grads_sharded) = results.values()
-    assert abs(loss_16 - loss_32) < 0.02 * abs(loss_32)
-    np.testing.assert_allclose(loss_sharded, loss_16, rtol=1e-5)
-    largest = max(np.abs(g).max() for g in jax.tree.leaves(grads_32))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3 * largest), grads_sharded, grads_16)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.05 * largest), grads_16, grads_32)
+        results.append(jax.device_get(make_gradient_step(model, mesh)(params, parallel.global_batch(batch, mesh))))
+    (loss_1, grads_1), (loss_2, grads_2) = results
+    np.testing.assert_allclose(loss_2, loss_1, rtol=1e-5)
+    largest = max(np.abs(g).max() for g in jax.tree.leaves(grads_1))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3 * largest), grads_2, grads_1)
