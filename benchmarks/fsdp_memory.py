@@ -20,13 +20,13 @@ parser.add_argument("--per_device_batch", type=int, default=32)
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 
-import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jclip import models, parallel  # noqa: E402
+from jclip.cli import load_config_file  # noqa: E402
 from jclip.train.optimizer import build_optimizer  # noqa: E402
 from jclip.train.state import abstract_train_state, parameter_specs, state_specs  # noqa: E402
 from jclip.train.step import make_train_step  # noqa: E402
@@ -35,11 +35,7 @@ MIB = 2**20
 
 
 def demo_config():
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
-    spec = importlib.util.spec_from_file_location("shapes_tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py")
 
 
 def step_memory(parameter_sharding: str, remat: bool) -> dict[str, float]:

@@ -26,6 +26,7 @@ from jclip.data import pipeline
 from jclip.data.sources import tar_source, tfds_source
 from jclip.data.to_tfds import convert
 from jclip.data.tokenizer import Tokenizer
+from timing import seconds_per_step
 
 WORDS = ("a photo of the small red large blue dog cat tree house on in with next to under a bright sunny day "
          "of green old new car street city river mountain").split()
@@ -86,14 +87,7 @@ def train_step_images_per_second(model_name: str, batch: int, steps: int) -> flo
     batch_arrays = parallel.global_batch({
         "image": rng.standard_normal((batch, size, size, 3)).astype(np.float32),
         "tokens": rng.integers(1, 1000, (batch, length)).astype(np.int32)}, mesh)
-    step = make_train_step(model, optimizer, mesh)
-    state, metrics = step(state, batch_arrays)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, batch_arrays)
-    jax.block_until_ready(metrics)
-    return steps * batch / (time.perf_counter() - start)
+    return batch / seconds_per_step(make_train_step(model, optimizer, mesh), state, batch_arrays, steps)
 
 
 def main():

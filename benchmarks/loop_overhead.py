@@ -20,16 +20,15 @@ from jclip.host_memory import reuse_freed_memory
 reuse_freed_memory()  # as the entry points do, before JAX starts its threads
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 
 from jclip import models, parallel  # noqa: E402
+from jclip.cli import load_config_file  # noqa: E402
 from jclip.data import pipeline  # noqa: E402
 from jclip.data.sources import build_source  # noqa: E402
 from jclip.data.tokenizers import load_tokenizer  # noqa: E402
@@ -37,14 +36,11 @@ from jclip.train.loop import train, train_state_specs  # noqa: E402
 from jclip.train.optimizer import build_optimizer  # noqa: E402
 from jclip.train.state import create_train_state  # noqa: E402
 from jclip.train.step import make_train_step  # noqa: E402
+from timing import seconds_per_step  # noqa: E402
 
 
 def demo_config():
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
-    spec = importlib.util.spec_from_file_location("shapes_tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py")
 
 
 def bare_step_seconds(config, steps: int) -> float:
@@ -63,14 +59,7 @@ def bare_step_seconds(config, steps: int) -> float:
     state = create_train_state(model, optimizer, jax.random.key(0), image_shape, config.data.text_length, mesh, specs)
     step = make_train_step(model, optimizer, mesh, specs, config.losses.to_dict(), config.micro_batches,
                            config.ema_decay, config.seed)
-    for _ in range(3):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / steps
+    return seconds_per_step(step, state, batch, steps, warmup=3)
 
 
 def loop_step_seconds(config, steps: int, workdir: str) -> float:

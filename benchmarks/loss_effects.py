@@ -21,7 +21,6 @@ perturbed ones). Runs are kept in `--workdir`: a second call reuses finished run
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from jclip import models, parallel
+from jclip.cli import load_config_file
 from jclip.data import pipeline, shapes
 from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate.from_checkpoint import make_evaluator
@@ -58,10 +58,7 @@ OBJECTIVES = {"clip": clip, "contrastive_gap": contrastive_gap, "negclip": negcl
 
 
 def load_config(steps: int, shapes_config: str):
-    spec = importlib.util.spec_from_file_location("shapes_tiny", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(CONFIG)
     config.total_steps = steps
     config.data.sources.shapes.config = shapes_config
     config.data.tokenizer = f"shapes/{shapes_config}"

@@ -47,6 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--worker", choices=("jclip", "open_clip"), help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--options", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--flops-per-sample", type=float, default=0.0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -81,7 +82,6 @@ def summarize_times(times: list[float], batch: int, flops_per_sample: float, pea
 def jclip_worker(args) -> dict:
     options = parse_options(args.options)
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
 
@@ -235,7 +235,7 @@ def open_clip_worker(args) -> dict:
         synchronize()
         times.append(time.perf_counter() - start)
     peak = measure_torch_matmul_peak(torch, device, args.precision)
-    flops = float(args.flops_per_sample)
+    flops = args.flops_per_sample
     result = summarize_times(times, args.batch, flops, peak)
     memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_memory_mib()
     result.update(peak_memory_mib=memory, loss=float(loss), device=device, devices=1, batch=args.batch,
@@ -245,7 +245,7 @@ def open_clip_worker(args) -> dict:
 
 
 def measure_torch_matmul_peak(torch, device: str, precision: str) -> float:
-    n = 8192 if device == "cuda" else 2048
+    n = MATMUL_SIZE["gpu" if device == "cuda" else "cpu"]
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -261,10 +261,10 @@ def run_worker(args, worker: str, devices: int = 1, options: str = "", flops_per
     """One measurement in a fresh process; returns its JSON result."""
     command = [sys.executable, __file__, "--worker", worker, "--model", args.model, "--batch", str(args.batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
-               "--devices", str(devices), "--options", options]
+               "--devices", str(devices), "--options", options, "--flops-per-sample", str(flops_per_sample)]
     if args.scaling:
         command += ["--scaling", args.scaling]
-    environment = dict(os.environ, JCLIP_FLOPS_PER_SAMPLE=str(flops_per_sample))
+    environment = dict(os.environ)
     if devices > 1:
         environment["XLA_FLAGS"] = (environment.get("XLA_FLAGS", "") +
                                     f" --xla_force_host_platform_device_count={devices}").strip()
@@ -302,7 +302,6 @@ def main():
             from jclip.host_memory import reuse_freed_memory
 
             reuse_freed_memory()
-        args.flops_per_sample = os.environ.get("JCLIP_FLOPS_PER_SAMPLE", "0")
         result = jclip_worker(args) if args.worker == "jclip" else open_clip_worker(args)
         print(json.dumps(result))
         return

@@ -5,9 +5,11 @@
 ecosystem. Bad flags stop with one line saying what is wrong.
 """
 
+import importlib.util
 import os
+import pathlib
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported: no C++ INFO lines
 
@@ -23,6 +25,14 @@ flags.DEFINE_bool("multihost", False, "Join a multi-process job (jax.distributed
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --multihost launched by hand.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, for --multihost launched by hand.")
 flags.DEFINE_integer("process_id", None, "This process's index, for --multihost launched by hand.")
+
+
+def load_config_file(path: Union[str, os.PathLike]) -> ConfigDict:
+    """The `get_config()` of the config file at `path`, as `--config` loads it (without overrides)."""
+    spec = importlib.util.spec_from_file_location(f"configs.{pathlib.Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

@@ -14,7 +14,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jclip-test-xla-cache-")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
-import importlib.util
 import pathlib
 
 import pytest
@@ -24,10 +23,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def load_config(name: str):
     """`configs/<name>.py`'s `get_config()`, as the command line would load it."""
-    spec = importlib.util.spec_from_file_location(f"configs.{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from jclip.cli import load_config_file
+
+    return load_config_file(REPO / "configs" / f"{name}.py")
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ def _contract(lhs, rhs, lhs_axes, rhs_axes):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _tensordot(lhs, rhs, contracted: int, dtype):
     """lhs [..., K...] . rhs [K..., N...] -> [..., N...] float32, K being `contracted` axes."""
-    return _contract(lhs.astype(dtype), rhs.astype(dtype), range(lhs.ndim - contracted, lhs.ndim), range(contracted))
+    return _tensordot_forward(lhs, rhs, contracted, dtype)[0]
 
 
 def _tensordot_forward(lhs, rhs, contracted, dtype):

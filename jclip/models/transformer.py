@@ -18,6 +18,10 @@ from jclip.models.partitioning import initializer, vary_alike
 from jclip.models.precision import low_precision_dot_general
 
 
+SQRT_HALF = 2.0**-0.5
+INVERSE_SQRT_2PI = (2.0 * 3.141592653589793) ** -0.5
+
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU (Hendrycks & Gimpel 2016), x * Phi(x), written with erf as PyTorch computes it.
@@ -29,10 +33,6 @@ def gelu(x: jax.Array) -> jax.Array:
     its input (one pass over the MLP activations each way, 10 % of a CPU step).
     """
     return 0.5 * x * (1.0 + jax.lax.erf(x * SQRT_HALF))
-
-
-SQRT_HALF = 2.0**-0.5
-INVERSE_SQRT_2PI = (2.0 * 3.141592653589793) ** -0.5
 
 
 def _gelu_forward(x):
