@@ -1,13 +1,12 @@
 """One process of a multi-process (multi-host stand-in) training run on loopback, for tests.
 
-    python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR DATA_DIR STEPS [STOP_AFTER]
+    python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR DATA_DIR STEPS
 """
 
 import os
 import sys
 
 process_id, num_processes, port, workdir, data_dir, steps = sys.argv[1:7]
-stop_after = int(sys.argv[7]) if len(sys.argv) > 7 else None
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 import jax  # noqa: E402  (after XLA_FLAGS)
@@ -32,7 +31,7 @@ config.batch_size = 16
 config.total_steps = int(steps)
 config.log_every = 1
 config.checkpoint_every = 3
-state = train(config, workdir, evaluate_at_end=False, stop_after=stop_after)
+state = train(config, workdir, evaluate_at_end=False)
 if jax.process_index() == 0:
     leaves = jax.tree.leaves(jax.device_get(state.params))
     np.savez(os.path.join(workdir, f"params_step{int(state.step)}.npz"), *leaves)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,14 +32,26 @@ def run_workers(script: str, processes: int, *args) -> None:
         assert p.returncode == 0, output[-3000:]
 
 
-def run_processes(workdir, data_dir, steps, stop_after=None, processes=2):
-    run_workers("multiprocess_worker.py", processes, workdir, data_dir, steps, *([stop_after] if stop_after else []))
+def run_processes(workdir, data_dir, steps, processes=2):
+    run_workers("multiprocess_worker.py", processes, workdir, data_dir, steps)
 
 
-def run_topology(workdir, end_step, processes, devices_per_process, sharding):
+def run_topology(workdir, end_step, processes, devices_per_process, sharding, middle_step=None):
     """`tests/topology_worker.py` as `processes` processes of `devices_per_process` devices each."""
-    run_workers("topology_worker.py", processes, devices_per_process, workdir, end_step, sharding)
-    return np.load(os.path.join(workdir, "params.npz"))
+    run_workers("topology_worker.py", processes, devices_per_process, workdir, end_step, sharding,
+                *([middle_step] if middle_step else []))
+    return np.load(os.path.join(workdir, f"params_{end_step}.npz"))
+
+
+def resume_copy(workdir, step, copy):
+    """A copy of `workdir` whose latest checkpoint is `step`."""
+    shutil.copytree(workdir, copy)
+    checkpoints = os.path.join(copy, "checkpoints")
+    for name in os.listdir(checkpoints):
+        if name.isdigit() and int(name) > step:
+            shutil.rmtree(os.path.join(checkpoints, name))
+    assert max(int(name) for name in os.listdir(checkpoints) if name.isdigit()) == step
+    return copy
 
 
 def assert_params_close(actual, expected):
@@ -50,20 +63,20 @@ def assert_params_close(actual, expected):
 def test_two_hosts_of_four_devices_equal_one_host_of_eight_and_resume_each_other(tmp_path):
     """2 processes × 4 devices (FSDP) train like 1 process × 8 devices (replicated), and each resumes
     the other's checkpoint: the checkpoint is independent of the topology and the sharding."""
-    one_host = run_topology(tmp_path / "one_host", 4, 1, 8, "replicated")
-    two_hosts = run_topology(tmp_path / "two_hosts", 4, 2, 4, "fsdp")
+    one_host = run_topology(tmp_path / "one_host", 4, 1, 8, "replicated", middle_step=2)
+    two_hosts = run_topology(tmp_path / "two_hosts", 4, 2, 4, "fsdp", middle_step=2)
     assert_params_close(two_hosts, one_host)
-    run_topology(tmp_path / "two_then_one", 2, 2, 4, "fsdp")
-    assert_params_close(run_topology(tmp_path / "two_then_one", 4, 1, 8, "replicated"), one_host)
-    halfway = dict(run_topology(tmp_path / "one_then_two", 2, 1, 8, "replicated"))
+    halfway = np.load(tmp_path / "one_host" / "params_2.npz")
     assert not np.allclose(halfway["arr_0"], one_host["arr_0"], rtol=1e-4, atol=1e-5)  # steps 3, 4 matter
-    assert_params_close(run_topology(tmp_path / "one_then_two", 4, 2, 4, "fsdp"), one_host)
+    two_then_one = resume_copy(tmp_path / "two_hosts", 2, tmp_path / "two_then_one")
+    assert_params_close(run_topology(two_then_one, 4, 1, 8, "replicated"), one_host)
+    one_then_two = resume_copy(tmp_path / "one_host", 2, tmp_path / "one_then_two")
+    assert_params_close(run_topology(one_then_two, 4, 2, 4, "fsdp"), one_host)
 
 
 def test_two_processes_train_and_resume_exactly(tmp_path, shapes_data_dir):
-    run_processes(tmp_path / "straight", shapes_data_dir, steps=6)
-    run_processes(tmp_path / "resumed", shapes_data_dir, steps=6, stop_after=3)
-    run_processes(tmp_path / "resumed", shapes_data_dir, steps=6)
+    run_processes(tmp_path / "straight", shapes_data_dir, steps=6)  # checkpoints at steps 3 and 6
+    run_processes(resume_copy(tmp_path / "straight", 3, tmp_path / "resumed"), shapes_data_dir, steps=6)
     straight = np.load(tmp_path / "straight" / "params_step6.npz")
     resumed = np.load(tmp_path / "resumed" / "params_step6.npz")
     for key in straight.files:

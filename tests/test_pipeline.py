@@ -143,6 +143,36 @@ def test_preprocessing_spec_errors_name_the_op():
         preprocess.parse("decode|resize(8, 8, 8)")
 
 
+def test_per_pixel_ops_apply_to_the_batch_as_to_each_image():
+    images = [tf.constant(png(value, size=10 + value // 40)) for value in (0, 60, 200)]
+    seeds = [tf.constant([3, i], tf.int64) for i in range(len(images))]
+    for spec in ("decode|resize(8)|value_range(-1, 1)", "decode|inception_crop(8, 0.5)|flip_lr|clip_normalize",
+                 "decode|center_crop(8)"):
+        per_image, per_batch = preprocess.split_per_batch(spec)
+        whole = preprocess.parse(spec)
+        prepared = [per_image(image, seed) for image, seed in zip(images, seeds)]
+        assert all(p.dtype == tf.uint8 for p in prepared)  # the float conversion waits for the batch
+        expected = np.stack([whole(image, seed) for image, seed in zip(images, seeds)])
+        np.testing.assert_array_equal(per_batch(tf.stack(prepared), None), expected)
+
+
+def test_a_small_tfds_source_is_read_from_its_files_once(shapes_data_dir, tmp_path):
+    import glob
+    import shutil
+
+    from jclip.data.sources import shapes_source
+
+    data_dir = shutil.copytree(shapes_data_dir, tmp_path / "datasets")
+    source = shapes_source("tiny", split="validation", data_dir=str(data_dir))
+    assert source.fits_in_memory
+    stream = pipeline.mixed_stream([(source, 1.0)], seed=0, shuffle_buffer=10_000, start=0).as_numpy_iterator()
+    first_epoch = [next(stream)["captions"].tolist() for _ in range(source.num_examples)]
+    for path in glob.glob(str(data_dir / "**" / "*.tfrecord*"), recursive=True):
+        os.remove(path)
+    second_epoch = [next(stream)["captions"].tolist() for _ in range(source.num_examples)]  # from memory
+    assert sorted(second_epoch) == sorted(first_epoch) and second_epoch != first_epoch  # reshuffled
+
+
 def test_bad_sources_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no tar shards match"):
         tar_source(str(tmp_path / "*.tar"))

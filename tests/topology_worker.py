@@ -1,16 +1,19 @@
 """One process of a training job on a given topology, for tests: train steps on fixed batches.
 
-    python tests/topology_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS WORKDIR END_STEP SHARDING
+    python tests/topology_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS WORKDIR END_STEP SHARDING \
+        [MIDDLE_STEP]
 
 Resumes from the checkpoint in WORKDIR if there is one, trains to END_STEP on the
 global batches `random_batch(16, seed=step)` (each process feeding its rows),
-saves a checkpoint, and process 0 writes the parameters to WORKDIR/params.npz.
+saves a checkpoint at MIDDLE_STEP (if given) and END_STEP, and process 0 writes
+the parameters of each to WORKDIR/params_STEP.npz.
 """
 
 import os
 import sys
 
 process_id, num_processes, port, devices, workdir, end_step, sharding = sys.argv[1:8]
+save_steps = {int(step) for step in (end_step, *sys.argv[8:9])}
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 
 import jax  # noqa: E402  (after XLA_FLAGS)
@@ -51,9 +54,10 @@ for step in range(int(state.step), int(end_step)):
     batch = random_batch(BATCH, seed=step)
     local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in batch.items()}
     state, _ = train_step(state, parallel.global_batch(local, mesh))
-checkpointer.save(int(end_step), state, lambda: {"data_position": [0] * jax.process_count()}, force=True)
+    if step + 1 in save_steps:
+        checkpointer.save(step + 1, state, lambda: {"data_position": [0] * jax.process_count()}, force=True)
+        params = multihost_utils.process_allgather(state.params, tiled=True)
+        if jax.process_index() == 0:
+            np.savez(os.path.join(workdir, f"params_{step + 1}.npz"), *jax.tree.leaves(params))
 checkpointer.wait()
 checkpointer.close()
-params = multihost_utils.process_allgather(state.params, tiled=True)
-if jax.process_index() == 0:
-    np.savez(os.path.join(workdir, "params.npz"), *jax.tree.leaves(params))

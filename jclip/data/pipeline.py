@@ -43,14 +43,26 @@ def input_options() -> tf.data.Options:
     return options
 
 
+def _with_text_captions(example):
+    """The example with only its captions that are not empty or blank (possibly none)."""
+    captions = example["captions"]
+    return {**example, "captions": tf.boolean_mask(captions, tf.strings.length(tf.strings.strip(captions)) > 0)}
+
+
 def _source_stream(source: Source, source_index: int, seed: int, shuffle_buffer: int, start: int) -> tf.data.Dataset:
-    """Source examples from its `start`-th draw on, epoch after epoch, each epoch shuffled anew."""
+    """Source examples from its `start`-th draw on, epoch after epoch, each epoch shuffled anew.
+
+    A source that fits in memory is read from its files once, in its first epoch.
+    """
     first_epoch, offset = divmod(start, source.num_examples)
     buffer = min(shuffle_buffer, source.num_examples)
+    examples = source.examples.map(_with_text_captions)
+    if source.fits_in_memory:
+        examples = examples.cache()
 
     def epoch(index):
-        return source.examples.shuffle(buffer, seed=(seed * 1_000_003 + source_index) * 1_000_003 + index,
-                                       reshuffle_each_iteration=False)
+        return examples.shuffle(buffer, seed=(seed * 1_000_003 + source_index) * 1_000_003 + index,
+                                reshuffle_each_iteration=False)
 
     return tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(offset)
 
@@ -89,22 +101,26 @@ def mixed_stream(sources: Sequence[tuple[Source, float]], seed: int, shuffle_buf
     return tf.data.Dataset.choose_from_datasets(streams, choices)
 
 
-def _has_caption(index, example):
-    return tf.reduce_any(tf.strings.length(tf.strings.strip(example["captions"])) > 0)
-
-
 def encoded_image(example) -> tf.Tensor:
     path = example["image_path"]
     return tf.cond(tf.strings.length(path) > 0, lambda: tf.io.read_file(path), lambda: example["image"])
 
 
-def _prepare(image_op, seed: int):
-    """(index, raw example) -> {"image", "caption", "index"}: image read and preprocessed, one caption sampled."""
+def _prepare(image_op, seed: int, image_files: bool):
+    """(index, example) -> {"image", "caption", "index"}: image read and preprocessed, one caption sampled.
+
+    An example without a caption fails here, like one with an unreadable image, so that `ignore_errors`
+    drops both in this one function call per example (on a CPU a call costs as much as decoding). With
+    no `image_files` among the sources, the image is the example's bytes, without a conditional (whose
+    branches are function calls too).
+    """
     def prepare(index, example):
         example_seed = tf.stack([tf.cast(seed, tf.int64), index])
-        captions = tf.boolean_mask(example["captions"], tf.strings.length(tf.strings.strip(example["captions"])) > 0)
-        pick = tf.random.stateless_uniform([], example_seed, maxval=tf.size(captions), dtype=tf.int32)
-        return {"image": image_op(encoded_image(example), example_seed), "caption": captions[pick], "index": index}
+        captions = example["captions"]
+        with tf.control_dependencies([tf.debugging.assert_positive(tf.size(captions), "the example has no caption")]):
+            pick = tf.random.stateless_uniform([], example_seed, maxval=tf.size(captions), dtype=tf.int32)
+        image = encoded_image(example) if image_files else example["image"]
+        return {"image": image_op(image, example_seed), "caption": captions[pick], "index": index}
     return prepare
 
 
@@ -129,13 +145,15 @@ class TrainInput:
         self.tokenizer, self.mesh, self.text_length, self.seed = tokenizer, mesh, text_length, seed
         self.negative_kinds, self.negative_attributes = tuple(negative_kinds), tuple(negative_attributes)
         self.position, self.skipped = start_position, 0
+        per_image, per_batch = preprocess.split_per_batch(image_preprocess)
         dataset = (
             mixed_stream(sources, seed, shuffle_buffer, start_position)
             .enumerate(start_position)
-            .filter(_has_caption)
-            .map(_prepare(preprocess.parse(image_preprocess), seed), num_parallel_calls=DECODE_PARALLELISM)
+            .map(_prepare(per_image, seed, any(source.image_files for source, _ in sources)),
+                 num_parallel_calls=DECODE_PARALLELISM)
             .ignore_errors()
             .batch(batch_size // jax.process_count(), drop_remainder=True)
+            .map(lambda batch: {**batch, "image": per_batch(batch["image"], None)})
             .prefetch(2)
             .with_options(input_options())
         )

@@ -33,6 +33,9 @@ import tensorflow_datasets as tfds
 
 from jclip.data import prompts, shapes
 
+# A tfds dataset up to this size is kept in memory once read (tfds's own auto-cache rule): later epochs
+# then cost no file reads or record parsing.
+IN_MEMORY_BYTES = 250 * 2**20
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _SIGNATURE = {"image": tf.TensorSpec([], tf.string), "image_path": tf.TensorSpec([], tf.string),
               "captions": tf.TensorSpec([None], tf.string)}
@@ -45,6 +48,8 @@ class Source:
     name: str
     examples: tf.data.Dataset  # {"image": encoded bytes, "image_path": str, "captions": [n] strings}
     num_examples: int
+    image_files: bool = False  # images are read from `image_path` when the pipeline visits an example
+    fits_in_memory: bool = False  # small enough that the pipeline keeps it in memory after its first epoch
 
 
 def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
@@ -72,7 +77,10 @@ def tfds_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.Dataset
 
 def read_tfds_slice(builder: tfds.core.DatasetBuilder, split: str, image_key: str, process_index=None,
                     process_count=None) -> tuple[tf.data.Dataset, int]:
-    """This process's contiguous slice of `split`, in order, its images left encoded; and its size."""
+    """This process's contiguous slice of `split`, in order, its images left encoded; and its size.
+
+    Not cached (tfds's auto-cache is off): the training pipeline caches small sources in their final form.
+    """
     process_index, process_count = _process(process_index, process_count)
     process_split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
     decoders = {image_key: tfds.decode.SkipDecoding()}
@@ -81,8 +89,9 @@ def read_tfds_slice(builder: tfds.core.DatasetBuilder, split: str, image_key: st
             data_source = builder.as_data_source(split=process_split, decoders=decoders)
             examples = _array_record_examples(data_source, builder.info.features, image_key)
         else:
+            read_config = tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False, try_autocache=False)
             examples = builder.as_dataset(split=process_split, shuffle_files=False, decoders=decoders,
-                                          read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False))
+                                          read_config=read_config)
     except AssertionError:  # tfds's way of saying the data is not there
         raise ValueError(
             f"tfds dataset {builder.name!r} is not prepared in {builder.data_dir}; build it first "
@@ -131,7 +140,8 @@ def tfds_source(name: str, *, split: str = "train", data_dir: Optional[str] = No
     else:
         captions = lambda ex: tf.reshape(field(ex, caption_key), [-1])
     examples = examples.map(lambda ex: {"image": field(ex, image_key), "image_path": "", "captions": captions(ex)})
-    return Source(f"{builder.name}/{split}", examples, count)
+    return Source(f"{builder.name}/{split}", examples, count,
+                  fits_in_memory=0 < (builder.info.dataset_size or 0) <= IN_MEMORY_BYTES)
 
 
 def _array_record_examples(data_source, features, image_key: str) -> tf.data.Dataset:
@@ -170,7 +180,7 @@ def csv_source(path: str, *, image_column: str = "filepath", caption_column: str
     examples = tf.data.Dataset.from_tensor_slices((paths, captions)).map(
         lambda p, c: {"image": "", "image_path": p, "captions": tf.reshape(c, [1])}
     )
-    return Source(os.path.basename(path), examples, end - begin)
+    return Source(os.path.basename(path), examples, end - begin, image_files=True)
 
 
 def _sample(files: dict[str, bytes]) -> dict:

@@ -106,9 +106,10 @@ class Tokenizer:
         """Encodes `texts` to int32 `[N, length]`: start, tokens, end, then 0-padding."""
         if isinstance(texts, str):
             raise TypeError("expected a sequence of texts, got a single str; wrap it in a list")
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
-        return pack_fixed_length([e.ids for e in encodings], length, start_id=self.start_id, end_id=self.end_id,
-                                 pad_id=self.pad_id)
+        # One text at a time: for captions, `encode_batch`'s thread pool costs more CPU than it saves, and its
+        # threads compete with the training step for the cores.
+        ids = [self.backend.encode(text, add_special_tokens=False).ids for text in texts]
+        return pack_fixed_length(ids, length, start_id=self.start_id, end_id=self.end_id, pad_id=self.pad_id)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of one row of ids, without special tokens or padding."""

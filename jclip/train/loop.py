@@ -3,7 +3,6 @@
 import os
 import signal
 import time
-from typing import Optional
 
 import jax
 import numpy as np
@@ -94,13 +93,8 @@ def write_config(config: ConfigDict, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2))
 
 
-def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
-          stop_after: Optional[int] = None) -> TrainState:
-    """Train (resuming from the latest checkpoint in `workdir`) and return the final state.
-
-    `stop_after` ends the run early after that many steps of this call, as a
-    preemption would (a checkpoint is saved first).
-    """
+def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True) -> TrainState:
+    """Train (resuming from the latest checkpoint in `workdir`) and return the final state."""
     os.makedirs(workdir, exist_ok=True)
     write_config(config, workdir)
     mesh = parallel.make_mesh()
@@ -137,7 +131,6 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
     teacher = make_teacher(config, mesh, tokenizer)
     train_step = make_train_step(model, optimizer, mesh, specs, config.losses.to_dict(), config.micro_batches,
                                  config.ema_decay, config.seed)
-    end_step = config.total_steps if stop_after is None else min(config.total_steps, start_step + stop_after)
     throughput = ThroughputMeter(config.batch_size, training_flops_per_pair(model, image_shape, config.data.text_length),
                                  mesh.devices.size, peak_flops_per_device(config.peak_flops_per_device))
 
@@ -171,7 +164,7 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
             disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0,
         ) as bar:
             step = start_step
-            while step < end_step and not stop.requested:
+            while step < config.total_steps and not stop.requested:
                 batch = next(batches)
                 if teacher is not None:
                     batch.update(teacher(batch))
@@ -180,7 +173,7 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True,
                 profiler.after(step, metrics)
                 step += 1
                 throughput.step()
-                logging = step % config.log_every == 0 or step == end_step
+                logging = step % config.log_every == 0 or step == config.total_steps
                 saving = checkpointer.due(step) or (logging and time_to_save())
                 if logging or saving:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
