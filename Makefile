@@ -24,7 +24,7 @@ demo: $(INSTALLED)
 	$(VENV)/bin/python -m jclip.train --config configs/shapes_tiny.py --workdir $(WORKDIR)
 
 test: $(WITH_TORCH)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2  # two workers (pytest-xdist): one compiles while the other computes
 
 clean:
 	rm -rf $(WORKDIR)
