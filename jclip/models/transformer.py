@@ -8,6 +8,7 @@ timm and SigLIP 1e-6) and `logical_axes` (see `jclip.models.partitioning`).
 """
 
 import functools
+import math
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -19,7 +20,7 @@ from jclip.models.precision import low_precision_dot_general
 
 
 SQRT_HALF = 2.0**-0.5
-INVERSE_SQRT_2PI = (2.0 * 3.141592653589793) ** -0.5
+INVERSE_SQRT_2PI = (2.0 * math.pi) ** -0.5
 
 
 @jax.custom_vjp
