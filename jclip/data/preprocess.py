@@ -101,13 +101,18 @@ OPS: dict[str, Callable] = {
 }
 
 # Ops that change each pixel on its own, the same way in every image: a batch of images of one size
-# goes through them at once (`split_per_batch`), which on a CPU costs far less than image by image.
+# goes through them at once (`stages`), which on a CPU costs far less than image by image.
 PER_PIXEL_OPS = ("value_range", "clip_normalize")
+# Ops that use no randomness and keep uint8 pixels: at the start of a spec they can run once per image, and
+# their results be kept (`jclip.data.in_memory`).
+ONCE_OPS = ("decode", "resize", "resize_small", "center_crop")
 
 _OP_PATTERN = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
 
+Ops = list[tuple[str, ImageOp]]
 
-def _parse_ops(spec: str) -> list[tuple[str, ImageOp]]:
+
+def parse_ops(spec: str) -> Ops:
     """The (name, op) of each op in `spec` ("op|op(args)|...")."""
     ops = []
     for part in spec.split("|"):
@@ -125,7 +130,8 @@ def _parse_ops(spec: str) -> list[tuple[str, ImageOp]]:
     return ops
 
 
-def _compose(ops: list[tuple[str, ImageOp]]) -> ImageOp:
+def compose(ops: Ops) -> ImageOp:
+    """The ops one after the other, as one `(image, seed) -> image` (the identity for none)."""
     def apply(image, seed):
         for _, op in ops:
             image = op(image, seed)
@@ -135,17 +141,22 @@ def _compose(ops: list[tuple[str, ImageOp]]) -> ImageOp:
 
 def parse(spec: str) -> ImageOp:
     """The composition of the ops in `spec` ("op|op(args)|..."), as one `(image, seed) -> image`."""
-    return _compose(_parse_ops(spec))
+    return compose(parse_ops(spec))
 
 
-def split_per_batch(spec: str) -> tuple[ImageOp, ImageOp]:
-    """`spec` as (ops for one image, ops for a batch of images): the trailing per-pixel ops go to the batch.
+def stages(spec: str) -> tuple[Ops, Ops, Ops]:
+    """`spec`'s ops split in the order they run: (once, per image, per batch).
 
-    Applying the first to each image and the second to the batch of their
-    results gives the same images as `parse(spec)`.
+    `once`: the leading `ONCE_OPS`, whose results can be kept; `per batch`: the
+    trailing `PER_PIXEL_OPS`, applied to a batch of images at once; `per image`:
+    the ops between. Applying the first two to each image and the last to the
+    batch of their results gives the same images as `parse(spec)`.
     """
-    ops = _parse_ops(spec)
-    split = len(ops)
-    while split > 0 and ops[split - 1][0] in PER_PIXEL_OPS:
-        split -= 1
-    return _compose(ops[:split]), _compose(ops[split:])
+    ops = parse_ops(spec)
+    end = len(ops)
+    while end > 0 and ops[end - 1][0] in PER_PIXEL_OPS:
+        end -= 1
+    begin = 0
+    while begin < end and ops[begin][0] in ONCE_OPS:
+        begin += 1
+    return ops[:begin], ops[begin:end], ops[end:]

@@ -182,7 +182,8 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True) -> 
                     checkpointer.save(step, state, record, force=True)
                 if logging:
                     metrics.update(throughput.read(), learning_rate=float(schedule(step - 1)),
-                                   seconds=time.perf_counter() - run_start, skipped_examples=batches.skipped)
+                                   seconds=time.perf_counter() - run_start, skipped_examples=batches.skipped,
+                                   left_out_examples=batches.left_out)
                     writer.write(step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{metrics['samples_per_second']:.0f}")
                 if config.evaluate.every_steps and step % config.evaluate.every_steps == 0 and step < config.total_steps:
