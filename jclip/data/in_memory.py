@@ -19,6 +19,7 @@ so a source's epoch is its table rows: positions stay exact on resume.
 import dataclasses
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
@@ -68,7 +69,7 @@ def _rows(source: Source, image_op: ImageOp, byte_limit: int, options: tf.data.O
                .ragged_batch(LOAD_BATCH).prefetch(1).with_options(options))
     rows = _SourceRows([], [], 0)
     with tqdm(total=source.num_examples, unit="example", desc=f"decode {source.name} into memory",
-              mininterval=2.0, leave=False) as bar:
+              mininterval=2.0, leave=False, disable=jax.process_index() != 0) as bar:
         for batch in batches:
             shapes = batch["shape"].numpy()
             shape = shape or tuple(shapes[0])
