@@ -25,7 +25,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from jclip.data.preprocess import ImageOp
-from jclip.data.sources import Source
+from jclip.data.sources import Source, encoded_image, text_captions
 
 # The most memory the decoded images of this process's sources may take (estimated from each source's first
 # image); sources beyond it are read and decoded per visit instead.
@@ -59,11 +59,9 @@ def _rows(source: Source, image_op: ImageOp, byte_limit: int, options: tf.data.O
     """The rows of `source`; None when its decoded images would take more than `byte_limit` bytes or do not
     all have one shape (`shape`, when given)."""
     def decoded(index, example):
-        encoded = tf.io.read_file(example["image_path"]) if source.image_files else example["image"]
-        image = image_op(encoded, tf.constant([0, 0], tf.int64))
-        captions = example["captions"]
+        image = image_op(encoded_image(example, source.image_files), tf.constant([0, 0], tf.int64))
         return {"index": index, "pixels": tf.reshape(image, [-1]), "shape": tf.shape(image),
-                "captions": tf.boolean_mask(captions, tf.strings.length(tf.strings.strip(captions)) > 0)}
+                "captions": text_captions(example["captions"])}
 
     batches = (source.examples.enumerate().map(decoded, num_parallel_calls=LOAD_PARALLELISM).ignore_errors()
                .ragged_batch(LOAD_BATCH).prefetch(1).with_options(options))

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from jclip import parallel
 from jclip.data import in_memory, preprocess
 from jclip.data.negatives import hard_negatives
-from jclip.data.sources import Source
+from jclip.data.sources import Source, encoded_image, text_captions
 
 tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX.
 
@@ -49,12 +49,6 @@ def input_options() -> tf.data.Options:
     return options
 
 
-def _with_text_captions(example):
-    """The example with only its captions that are not empty or blank (possibly none)."""
-    captions = example["captions"]
-    return {**example, "captions": tf.boolean_mask(captions, tf.strings.length(tf.strings.strip(captions)) > 0)}
-
-
 def _epochs(examples: tf.data.Dataset, num_examples: int, source_index: int, seed: int, shuffle_buffer: int,
             start: int) -> tf.data.Dataset:
     """`examples` (`num_examples` of them) from the `start`-th draw on, epoch after epoch, each shuffled anew."""
@@ -70,7 +64,7 @@ def _epochs(examples: tf.data.Dataset, num_examples: int, source_index: int, see
 
 def _source_stream(source: Source, source_index: int, seed: int, shuffle_buffer: int, start: int) -> tf.data.Dataset:
     """Source examples from its `start`-th draw on; one that fits in memory is read from its files once."""
-    examples = source.examples.map(_with_text_captions)
+    examples = source.examples.map(lambda example: {**example, "captions": text_captions(example["captions"])})
     if source.fits_in_memory:
         examples = examples.cache()
     return _epochs(examples, source.num_examples, source_index, seed, shuffle_buffer, start)
@@ -129,11 +123,6 @@ def table_rows(table: in_memory.ExampleTable, weights: Sequence[float], seed: in
     return _mixture([functools.partial(stream, i) for i in range(len(weights))], weights, seed, start)
 
 
-def encoded_image(example) -> tf.Tensor:
-    path = example["image_path"]
-    return tf.cond(tf.strings.length(path) > 0, lambda: tf.io.read_file(path), lambda: example["image"])
-
-
 def _prepare(image_op, seed: int, image_files: bool):
     """(index, example) -> {"image", "caption", "index"}: image read and preprocessed, one caption sampled.
 
@@ -147,8 +136,7 @@ def _prepare(image_op, seed: int, image_files: bool):
         captions = example["captions"]
         with tf.control_dependencies([tf.debugging.assert_positive(tf.size(captions), "the example has no caption")]):
             pick = tf.random.stateless_uniform([], example_seed, maxval=tf.size(captions), dtype=tf.int32)
-        image = encoded_image(example) if image_files else example["image"]
-        return {"image": image_op(image, example_seed), "caption": captions[pick], "index": index}
+        return {"image": image_op(encoded_image(example, image_files), example_seed), "caption": captions[pick], "index": index}
     return prepare
 
 

@@ -52,6 +52,21 @@ class Source:
     fits_in_memory: bool = False  # small enough that the pipeline keeps it in memory after its first epoch
 
 
+def encoded_image(example, image_files: bool = True) -> tf.Tensor:
+    """An example's encoded image: its bytes, or, where the source has `image_files`, the file at its
+    `image_path` when that is not empty (a conditional, which tf.data runs as function calls: skipped
+    for sources without image files)."""
+    if not image_files:
+        return example["image"]
+    path = example["image_path"]
+    return tf.cond(tf.strings.length(path) > 0, lambda: tf.io.read_file(path), lambda: example["image"])
+
+
+def text_captions(captions: tf.Tensor) -> tf.Tensor:
+    """The captions that are not empty or blank (possibly none)."""
+    return tf.boolean_mask(captions, tf.strings.length(tf.strings.strip(captions)) > 0)
+
+
 def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
     return (jax.process_index() if process_index is None else process_index,
             jax.process_count() if process_count is None else process_count)

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from jclip.data import pipeline, preprocess
+from jclip.data.sources import encoded_image
 
 
 class LocalImages:
@@ -22,7 +23,7 @@ class LocalImages:
         image_op = preprocess.parse(image_preprocess)
         pick = fields or (lambda example: {})
         self._examples = examples.map(
-            lambda ex: {"image": image_op(pipeline.encoded_image(ex), tf.constant([0, 0], tf.int64)), **pick(ex)},
+            lambda ex: {"image": image_op(encoded_image(ex), tf.constant([0, 0], tf.int64)), **pick(ex)},
             num_parallel_calls=pipeline.DECODE_PARALLELISM,
         )
         self.fields: dict[str, list] = {}
