@@ -1,8 +1,10 @@
 """Shared checks for the losses of `jclip.losses`: a float64 reference and sharded equality.
 
-- `assert_matches_reference(loss, reference, inputs)`: the loss (float32, `jax.jit`) against a
-  float64 NumPy reference of its value; gradients against central finite differences of that
-  reference, so a reference need only be the formula.
+- `assert_matches_reference(loss, reference, inputs, sharded=...)`: the loss (float32, `jax.jit`)
+  against a float64 NumPy reference of its value; gradients against central finite differences of
+  that reference, so a reference need only be the formula. The same again on global arrays, the
+  `sharded` inputs split over an explicit and an auto mesh of 8 devices, `axis_name=None`: each
+  gradient must also come back sharded like its input.
 - `assert_sharded_equals_single_device(loss, inputs, sharded)`: the per-device loss under
   `jax.shard_map` and `jax.pmap` on 1, 2 and 8 devices gives the single-device full-batch value and
   gradients, with the conventions of `clip_loss`'s docstring (shard_map: gradients as they are;
@@ -17,9 +19,11 @@ import functools
 import jax
 import numpy as np
 from jax import lax
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DEVICE_COUNTS = (1, 2, 8)
+MESH_KINDS = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 
 
 def numerical_gradient(reference, inputs, eps=1e-6):
@@ -50,12 +54,36 @@ def assert_close(actual, expected, rtol=2e-5, atol_fraction=None):
         np.testing.assert_allclose(a, e, rtol=rtol, atol=(atol_fraction or rtol) * scale + 1e-12)
 
 
-def assert_matches_reference(loss, reference, inputs, rtol=1e-4, **options):
-    """`loss(**inputs, **options)` in float32 against the float64 `reference(**inputs)` and its gradient."""
+def assert_matches_reference(loss, reference, inputs, *, sharded, rtol=1e-4, **options):
+    """`loss(**inputs, **options)` in float32 against the float64 `reference(**inputs)` and its gradient,
+    on one device and on global arrays whose `sharded` inputs are split over 8 devices."""
+    loss = functools.partial(loss, **options)
     float32 = {k: np.float32(v) if _is_float(v) else v for k, v in inputs.items()}
-    value, grads = _value_and_grads(functools.partial(loss, **options), float32)
-    assert_close(value, reference(**inputs), rtol=rtol)
-    assert_close(grads, numerical_gradient(reference, inputs), rtol=rtol)
+    expected = reference(**inputs), numerical_gradient(reference, inputs)
+    assert_close(_value_and_grads(loss, float32), expected, rtol=rtol)
+    for kind in MESH_KINDS:
+        placed = on_mesh(float32, sharded, kind)
+        value, grads = _value_and_grads(loss, placed)
+        try:
+            assert_close((value, grads), expected, rtol=rtol)
+        except AssertionError as error:
+            raise AssertionError(f"global arrays on an {kind} mesh differ from the reference") from error
+        assert_sharded_like(grads, placed)
+
+
+def on_mesh(inputs, sharded, kind, devices=8):
+    """`inputs` as global arrays on a 1-D mesh "data" of `kind` ("explicit" or "auto"): the `sharded` ones
+    split along their leading (batch) axis, the others replicated."""
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(MESH_KINDS[kind],), devices=jax.devices()[:devices])
+    return {k: jax.device_put(v, NamedSharding(mesh, P("data") if k in sharded else P())) for k, v in inputs.items()}
+
+
+def assert_sharded_like(grads, inputs):
+    """Every gradient is laid out over the devices as its input is."""
+    for name, grad in grads.items():
+        assert grad.sharding.is_equivalent_to(inputs[name].sharding, grad.ndim), (
+            f"the gradient of {name} is laid out as {grad.sharding}, its input as {inputs[name].sharding}"
+        )
 
 
 def _is_float(value):

@@ -11,6 +11,7 @@ from jclip.losses.softmax import clip_loss
 from loss_checks import assert_close, assert_matches_reference, assert_sharded_equals_single_device
 
 BATCH, SHARDED_BATCH, DIM, NEGATIVES = 8, 16, 4, 2
+SHARDED = ("zimg", "ztxt")  # the batch inputs
 
 
 def unit_pairs(batch, seed=0):
@@ -67,7 +68,8 @@ def dcl_reference(weight_sigma, weights_from=None):
 def test_dcl_matches_reference(weight_sigma):
     zimg, ztxt = unit_pairs(BATCH)
     inputs = {"zimg": zimg, "ztxt": ztxt, "scale": np.float64(5.0)}
-    assert_matches_reference(dcl_loss, dcl_reference(weight_sigma), inputs, weight_sigma=weight_sigma)
+    assert_matches_reference(dcl_loss, dcl_reference(weight_sigma), inputs, sharded=SHARDED,
+                             weight_sigma=weight_sigma)
 
 
 def test_dclw_weight_carries_gradient():
@@ -76,7 +78,8 @@ def test_dclw_weight_carries_gradient():
     zimg, ztxt = unit_pairs(BATCH)
     inputs = {"zimg": zimg, "ztxt": ztxt, "scale": np.float64(5.0)}
     with pytest.raises(AssertionError):
-        assert_matches_reference(dcl_loss, dcl_reference(0.5, weights_from=(zimg, ztxt)), inputs, weight_sigma=0.5)
+        assert_matches_reference(dcl_loss, dcl_reference(0.5, weights_from=(zimg, ztxt)), inputs,
+                                 sharded=SHARDED, weight_sigma=0.5)
 
 
 def test_dcl_differs_from_infonce():
@@ -125,7 +128,7 @@ def test_hard_negative_matches_reference(beta, tau_plus, scale):
     zimg, ztxt = unit_pairs(BATCH)
     inputs = {"zimg": zimg, "ztxt": ztxt, "scale": np.float64(scale)}
     assert_matches_reference(hard_negative_clip_loss, hard_negative_reference(beta, tau_plus), inputs,
-                             beta=beta, tau_plus=tau_plus)
+                             sharded=SHARDED, beta=beta, tau_plus=tau_plus)
 
 
 def test_hard_negative_test_data_exercises_the_clamp():
@@ -184,7 +187,8 @@ def negclip_inputs(batch):
 def test_negclip_matches_reference():
     inputs = negclip_inputs(BATCH)
     assert 0 < inputs["negative_mask"].sum() < inputs["negative_mask"].size  # some negatives are missing
-    assert_matches_reference(negclip_loss, negclip_reference, inputs)
+    assert_matches_reference(negclip_loss, negclip_reference, inputs,
+                             sharded=("zimg", "ztxt", "negative_ztxt", "negative_mask"))
 
 
 def test_negclip_without_mask_keeps_every_negative():
@@ -271,7 +275,7 @@ def mochi_inputs(batch, seed=0):
 def test_mochi_matches_reference():
     inputs = mochi_inputs(BATCH)
     reference = mochi_reference(inputs["key"], (inputs["zimg"], inputs["ztxt"]), **MOCHI)
-    assert_matches_reference(mochi_loss, reference, inputs, **MOCHI)
+    assert_matches_reference(mochi_loss, reference, inputs, sharded=SHARDED, **MOCHI)
 
 
 def test_mochi_synthetic_negatives_carry_no_gradient():
@@ -285,7 +289,7 @@ def test_mochi_synthetic_negatives_carry_no_gradient():
 
     assert differentiated(**inputs) == pytest.approx(frozen(**inputs), rel=1e-12)
     with pytest.raises(AssertionError):
-        assert_matches_reference(mochi_loss, differentiated, inputs, **MOCHI)
+        assert_matches_reference(mochi_loss, differentiated, inputs, sharded=SHARDED, **MOCHI)
 
 
 def test_mochi_mixing_draws():

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import loss_checks
 from jclip.losses import (
     CLIP_INIT_LOG_SCALE,
     CLIP_INIT_SCALE,
@@ -111,6 +112,32 @@ def test_siglip_loss_matches_reference(kind, tiling):
     assert_close(grads, ref_grads)
 
 
+GLOBAL_TILINGS = {**TILINGS, "ring": {"ring": True}, "ring+block_size=1": {"ring": True, "block_size": 1}}
+
+
+@pytest.mark.parametrize("mesh_kind", loss_checks.MESH_KINDS)
+@pytest.mark.parametrize("tiling", GLOBAL_TILINGS)
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_losses_on_global_arrays_match_reference(loss_name, tiling, mesh_kind):
+    """Global arrays split over 8 devices, `axis_name=None`: the reference's value and gradients, laid out
+    like the inputs, for every tiling (a ring too: the loss runs per device over the mesh)."""
+    x, y = embeddings("normalised")
+    scale, bias = SCALES["normalised"]
+    if loss_name == "clip":
+        loss = lambda x, y, scale, bias: clip_loss(x, y, scale, label_smoothing=0.1, **GLOBAL_TILINGS[tiling])
+        ref_value, ref_grads = clip_reference(x, y, scale, 0.1)
+        ref_grads = (*ref_grads, 0.0)
+    else:
+        loss = lambda x, y, scale, bias: siglip_loss(x, y, scale, bias, **GLOBAL_TILINGS[tiling])
+        ref_value, ref_grads = siglip_reference(x, y, scale, bias)
+    inputs = loss_checks.on_mesh({"x": np.float32(x), "y": np.float32(y), "scale": np.float32(scale),
+                                  "bias": np.float32(bias)}, ("x", "y"), mesh_kind)
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*inputs.values())
+    assert_close(value, ref_value, rtol=1e-5)
+    assert_close(grads, ref_grads)
+    loss_checks.assert_sharded_like(dict(zip(inputs, grads)), inputs)
+
+
 def test_reference_detects_a_wrong_loss():
     x, y = embeddings("random")
     ref_value, ref_grads = clip_reference(x, y, 2.0, 0.0)
@@ -153,6 +180,9 @@ def test_initial_values():
     assert clamp_log_scale(jnp.float32(-1.0)) == 0.0
 
 
+RING_WITHOUT_DEVICES = "no mesh.*NamedSharding.*axis_name='data' inside jax.shard_map"
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -160,8 +190,8 @@ def test_initial_values():
         (lambda: siglip_loss(np.ones((4, 8)), np.ones((5, 8)), 1.0, 0.0), r"\(4, 8\).*\(5, 8\)"),
         (lambda: clip_loss(np.ones(8), np.ones(8), 1.0), r"2-D.*\(8,\)"),
         (lambda: siglip_loss(np.ones((2, 4, 8)), np.ones((2, 4, 8)), 1.0, 0.0), r"2-D.*\(2, 4, 8\)"),
-        (lambda: clip_loss(np.ones((4, 8)), np.ones((4, 8)), 1.0, ring=True), "axis_name"),
-        (lambda: siglip_loss(np.ones((4, 8)), np.ones((4, 8)), 1.0, 0.0, ring=True), "axis_name"),
+        (lambda: clip_loss(np.ones((4, 8)), np.ones((4, 8)), 1.0, ring=True), RING_WITHOUT_DEVICES),
+        (lambda: siglip_loss(np.ones((4, 8)), np.ones((4, 8)), 1.0, 0.0, ring=True), RING_WITHOUT_DEVICES),
         (lambda: clip_loss(np.ones((6, 8)), np.ones((6, 8)), 1.0, block_size=4), "block_size=4.*6"),
         (  # a ring's blocks split the local batch: 4 rows per device under a 2-way mapped axis
             lambda: jax.vmap(lambda x, y: clip_loss(x, y, 1.0, axis_name="d", ring=True, block_size=3), axis_name="d")(
@@ -177,6 +207,16 @@ def test_initial_values():
 def test_bad_input_raises_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("mesh_kind", loss_checks.MESH_KINDS)
+def test_bad_global_arrays_are_named_by_their_global_shapes(mesh_kind):
+    x = loss_checks.on_mesh({"x": np.ones((16, 8), np.float32)}, ("x",), mesh_kind)["x"]
+    y = loss_checks.on_mesh({"y": np.ones((16, 7), np.float32)}, ("y",), mesh_kind)["y"]
+    with pytest.raises(ValueError, match=r"\(16, 8\).*\(16, 7\)"):
+        jax.jit(clip_loss)(x, y, 1.0)
+    with pytest.raises(ValueError, match="block_size=5.*global batch.*16"):
+        jax.jit(lambda x: siglip_loss(x, x, 1.0, 0.0, block_size=5))(x)
 
 
 def test_import_pulls_in_no_tensorflow_or_flax():

@@ -17,7 +17,8 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jclip.losses import clip_loss, logits, siglip_loss, top1_accuracy
+from jclip.losses import clip_loss, embedding_geometry, logits, siglip_loss, top1_accuracy
+from loss_checks import MESH_KINDS
 
 BATCH, INPUT_DIM, DIM = 32, 6, 8
 LOSSES = {
@@ -67,8 +68,8 @@ def single_device(loss_name):
     return jax.jit(functools.partial(step, LOSSES[loss_name]))(*data())
 
 
-def make_mesh(devices):
-    return jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(devices, kind="auto"):
+    return jax.make_mesh((devices,), ("data",), axis_types=(MESH_KINDS[kind],))
 
 
 def per_device(mode, devices, loss, **kwargs):
@@ -127,14 +128,46 @@ def test_unchecked_shard_map_follows_the_pmap_convention(loss_name, tiling):
     assert_close(result, single_device(loss_name))
 
 
-@pytest.mark.parametrize("tiling", ["gathered", "gathered+blocks"])
+@pytest.mark.parametrize("mesh_kind", MESH_KINDS)
+@pytest.mark.parametrize("tiling", TILINGS)
 @pytest.mark.parametrize("loss_name", LOSSES)
-def test_global_arrays_partitioned_by_xla(loss_name, tiling):
+def test_global_arrays_on_a_mesh_equal_single_device(loss_name, tiling, mesh_kind):
+    """A model's batch split over an explicit or auto mesh and `axis_name=None`, as in users' own jitted
+    code: the loss runs per device over the mesh, and a ring works too."""
     params, images, texts = data()
-    sharding = NamedSharding(make_mesh(8), P("data"))
-    images, texts = jax.device_put(images, sharding), jax.device_put(texts, sharding)
+    mesh = make_mesh(8, mesh_kind)
+    params = jax.device_put(params, NamedSharding(mesh, P()))  # replicated; their gradients too
+    images, texts = jax.device_put((images, texts), NamedSharding(mesh, P("data")))
     result = jax.jit(functools.partial(step, LOSSES[loss_name], **TILINGS[tiling]))(params, images, texts)
     assert_close(result, single_device(loss_name))
+
+
+@pytest.mark.parametrize("batch_axes", ["data", ("data", "model")])
+def test_global_arrays_on_a_two_axis_mesh(batch_axes):
+    """Embeddings split over 'data' and 'model' (batch and features, or the batch over both axes)."""
+    zimg, ztxt, scale, bias = model(*data())
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    spec = P("data", "model") if batch_axes == "data" else P(batch_axes)
+    sharded = [jax.device_put(z, NamedSharding(mesh, spec)) for z in (zimg, ztxt)]
+    for name, loss in LOSSES.items():
+        grad = jax.jit(jax.value_and_grad(lambda z, t: loss(z, t, scale, bias, ring=True), argnums=(0, 1)))
+        value, grads = grad(*sharded)
+        expected = jax.value_and_grad(lambda z, t: loss(z, t, scale, bias), argnums=(0, 1))(zimg, ztxt)
+        assert_close((value, grads), expected)
+        assert all(g.sharding.is_equivalent_to(z.sharding, 2) for g, z in zip(grads, sharded)), name
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_inside_pmap_or_shard_map_without_axis_name_the_local_rows_are_the_batch(mode):
+    zimg, ztxt, scale, bias = model(*data())
+    local = lambda z, t: clip_loss(z, t, scale)
+    if mode == "pmap":
+        values = jax.pmap(local)(zimg.reshape(8, -1, DIM), ztxt.reshape(8, -1, DIM))
+    else:
+        values = jax.jit(jax.shard_map(lambda z, t: local(z, t)[None], mesh=make_mesh(8), in_specs=P("data"),
+                                       out_specs=P("data")))(zimg, ztxt)
+    expected = [local(z, t) for z, t in zip(zimg.reshape(8, -1, DIM), ztxt.reshape(8, -1, DIM))]
+    assert_close(values, np.array(expected))
 
 
 def gradient_cut_clip_loss(zimg, ztxt, scale, bias, *, axis_name):
@@ -159,24 +192,32 @@ def test_cutting_the_gradient_through_the_gather_is_detected():
         assert_close(param_grads, expected[1])
 
 
-@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+@pytest.mark.parametrize("mode", ["shard_map", "pmap", "explicit", "auto"])
 def test_metrics_per_device_equal_whole_batch(mode):
+    """Per device, or on global arrays over an explicit or auto mesh: the whole batch's metrics."""
     params, images, texts = data()
     zimg, ztxt, scale, bias = model(params, images, texts)
 
-    def local(zimg, ztxt):
-        return logits(zimg, ztxt, scale, bias, axis_name="data"), top1_accuracy(zimg, ztxt, axis_name="data")
+    def local(zimg, ztxt, axis_name="data"):
+        return (logits(zimg, ztxt, scale, bias, axis_name=axis_name), top1_accuracy(zimg, ztxt, axis_name=axis_name),
+                embedding_geometry(zimg, ztxt, axis_name=axis_name))
 
     if mode == "pmap":
         shard = lambda x: x.reshape(8, -1, x.shape[1])
-        local_logits, accuracy = jax.pmap(local, axis_name="data")(shard(zimg), shard(ztxt))
-        local_logits, accuracy = local_logits.reshape(BATCH, BATCH), jax.tree.map(lambda x: x[0], accuracy)
-    else:
-        local_logits, accuracy = jax.jit(
-            jax.shard_map(local, mesh=make_mesh(8), in_specs=P("data"), out_specs=(P("data"), P()))
+        local_logits, accuracy, geometry = jax.pmap(local, axis_name="data")(shard(zimg), shard(ztxt))
+        local_logits = local_logits.reshape(BATCH, BATCH)
+        accuracy, geometry = jax.tree.map(lambda x: x[0], (accuracy, geometry))
+    elif mode == "shard_map":
+        local_logits, accuracy, geometry = jax.jit(
+            jax.shard_map(local, mesh=make_mesh(8), in_specs=P("data"), out_specs=(P("data"), P(), P()))
         )(zimg, ztxt)
+    else:
+        sharded = jax.device_put((zimg, ztxt), NamedSharding(make_mesh(8, mode), P("data")))
+        local_logits, accuracy, geometry = jax.jit(functools.partial(local, axis_name=None))(*sharded)
+        assert local_logits.sharding.is_equivalent_to(sharded[0].sharding, 2)  # each device its own rows
     assert_close(local_logits, logits(zimg, ztxt, scale, bias))
     assert_close(accuracy, top1_accuracy(zimg, ztxt))
+    assert_close(geometry, embedding_geometry(zimg, ztxt))
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
@@ -195,3 +236,25 @@ def test_tiled_losses_never_hold_the_local_logits(loss_name):
     assert temp_bytes(block_size=64) < logits_bytes / 4
     assert temp_bytes(ring=True) < logits_bytes / 4  # one [b, b] tile is 1/8 of the logits
     assert temp_bytes(ring=True, block_size=16) < logits_bytes / 16
+
+
+@pytest.mark.parametrize("mesh_kind", MESH_KINDS)
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_global_arrays_hold_only_their_rows_of_logits(loss_name, mesh_kind):
+    """Compiled temporary memory per device of forward + backward on global arrays (`axis_name=None`):
+    each device's own [B/N, B] rows of logits and their gradient, never the [B, B] matrix or a
+    gathered copy of the queries; a [B/N, block] tile with `block_size`."""
+    batch, devices = 4096, 8
+    embeddings = jax.ShapeDtypeStruct((batch, DIM), jnp.float32, sharding=NamedSharding(make_mesh(devices, mesh_kind),
+                                                                                          P("data")))
+    rows_bytes = batch // devices * batch * 4  # one [B/N, B] float32 matrix: 1/8 of the whole logits
+    embedding_bytes = batch * DIM * 4
+
+    def temp_bytes(**kwargs):
+        loss = lambda zimg, ztxt: LOSSES[loss_name](zimg, ztxt, 10.0, -10.0, **kwargs)
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(embeddings, embeddings).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes() <= 2 * rows_bytes + 8 * embedding_bytes
+    assert temp_bytes(block_size=64) < rows_bytes / 4
+    assert temp_bytes(ring=True) < rows_bytes / 4

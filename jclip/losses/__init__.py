@@ -1,7 +1,11 @@
 """Contrastive image-text losses as pure JAX functions; no Flax, TensorFlow or config imports.
 
-Each loss works on the whole batch (`axis_name=None`) or per device inside `jax.pmap` /
-`jax.shard_map` (`axis_name` set), and returns the loss of the global batch either way.
+Each loss returns the loss of the global batch, called three ways:
+- on one device, the arrays the whole batch (`axis_name=None`);
+- on global arrays sharded over a mesh, explicit or auto (`axis_name=None` under `jax.jit`): the loss
+  runs per device over the mesh axes that shard the batch, each device holding its own rows of the
+  logits (`_global_arrays.py`);
+- per device inside `jax.pmap` / `jax.shard_map`, the arrays this device's rows (`axis_name` set).
 
 | family | losses |
 |---|---|

@@ -44,8 +44,9 @@ def check_tiling(local_batch, global_batch, *, axis_name, ring, block_size):
     """A ring needs a device axis; a block size must divide the columns each step scans."""
     if ring and axis_name is None:
         raise ValueError(
-            f"ring=True passes embeddings between devices and needs axis_name; got axis_name=None "
-            f"for a batch of {local_batch} rows"
+            f"ring=True passes embeddings between devices, and these {local_batch} rows are on no mesh: "
+            f"shard them over a mesh axis (jax.device_put(z, NamedSharding(mesh, P('data')))) or call the loss "
+            f"per device with axis_name='data' inside jax.shard_map(..., in_specs=P('data')) or jax.pmap"
         )
     if block_size is None:
         return

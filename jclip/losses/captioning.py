@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 
 from jclip.losses._device_axis import global_sum
+from jclip.losses._global_arrays import over_batch_axes
 
 
+@over_batch_axes(batch=("caption_logits", "tokens"))
 def caption_loss(caption_logits, tokens, *, pad_id=0, label_smoothing=0.0, axis_name=None):
     """Next-token cross-entropy of CoCa's captioner, the mean over the global batch's caption tokens.
 

@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 
 from jclip.losses._device_axis import gather_rows, global_sum, own_columns
+from jclip.losses._global_arrays import over_batch_axes
 from jclip.losses._validation import as_scalar, check_has_negatives, prepare_embeddings
 
 
+@over_batch_axes(batch=("zimg", "ztxt"), replicated=("scale",))
 def dcl_loss(zimg, ztxt, scale, *, weight_sigma=None, axis_name=None):
     """Decoupled contrastive loss over the global batch of B pairs (Yeh et al. 2022, Eq. 6).
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jclip.losses._device_axis import device_count, gather_rows, global_sum, own_columns
+from jclip.losses._global_arrays import over_batch_axes
 from jclip.losses._validation import prepare_embeddings
 from jclip.losses.softmax import clip_loss
 
@@ -41,6 +42,7 @@ def _log_mean_kernel(rows, columns, t, axis_name):
     return _global_log_sum_exp(local, axis_name) - jnp.log(batch * (batch - 1.0))
 
 
+@over_batch_axes(batch=("zimg", "ztxt"))
 def alignment_loss(zimg, ztxt, *, alpha=2.0, axis_name=None):
     """Alignment of the positive pairs (Wang & Isola 2020, arXiv 2005.10242).
 
@@ -67,6 +69,7 @@ def alignment_loss(zimg, ztxt, *, alpha=2.0, axis_name=None):
     return global_sum(jnp.sum(distance), axis_name) / batch
 
 
+@over_batch_axes(batch=("z",))
 def uniformity_loss(z, *, t=2.0, axis_name=None):
     """Uniformity of one modality's embeddings on the sphere (Wang & Isola 2020, arXiv 2005.10242).
 
@@ -92,6 +95,7 @@ def uniformity_loss(z, *, t=2.0, axis_name=None):
     return _log_mean_kernel(z, z, t, axis_name)
 
 
+@over_batch_axes(batch=("zimg", "ztxt"))
 def cross_modal_uniformity_loss(zimg, ztxt, *, t=2.0, axis_name=None):
     """Uniformity across the modalities (Fahim et al. 2024, arXiv 2405.18570).
 
@@ -117,6 +121,7 @@ def cross_modal_uniformity_loss(zimg, ztxt, *, t=2.0, axis_name=None):
     return _log_mean_kernel(zimg, ztxt, t, axis_name)
 
 
+@over_batch_axes(batch=("zimg", "ztxt"), replicated=("scale",))
 def contrastive_gap_loss(zimg, ztxt, scale, *, alignment_weight=1.0, uniformity_weight=1.0, t=2.0, axis_name=None):
     """CLIP's loss with Fahim et al.'s alignment and uniformity terms (Fahim et al. 2024, arXiv 2405.18570).
 

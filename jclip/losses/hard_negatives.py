@@ -6,9 +6,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from jclip.losses._device_axis import first_global_row, gather_rows, global_sum, own_columns
+from jclip.losses._global_arrays import over_batch_axes
 from jclip.losses._validation import as_scalar, check_has_negatives, prepare_embeddings
 
 
+@over_batch_axes(batch=("zimg", "ztxt"), replicated=("scale",))
 def hard_negative_clip_loss(zimg, ztxt, scale, *, beta, tau_plus=0.0, axis_name=None):
     """Symmetric InfoNCE with importance-weighted negatives over the global batch of B pairs.
 
@@ -77,6 +79,7 @@ def _debiased(log_mass, positive, tau_plus, negatives):
     return jnp.where(remains, log_mass + jnp.log(-jnp.expm1(safe)) - jnp.log1p(-tau_plus), -jnp.inf)
 
 
+@over_batch_axes(batch=("zimg", "ztxt", "negative_ztxt", "negative_mask"), replicated=("scale",))
 def negclip_loss(zimg, ztxt, scale, negative_ztxt, *, negative_mask=None, axis_name=None):
     """CLIP loss with K extra hard-negative captions per image (NegCLIP, Yuksekgonul et al. 2023).
 
@@ -135,6 +138,7 @@ def negclip_loss(zimg, ztxt, scale, negative_ztxt, *, negative_mask=None, axis_n
     return global_sum(jnp.sum(image_to_text + text_to_image), axis_name) / (2 * batch)
 
 
+@over_batch_axes(batch=("zimg", "ztxt"), replicated=("scale", "key"))
 def mochi_loss(zimg, ztxt, scale, key, *, hardest, mixed, mixed_with_query=0, axis_name=None):
     """Symmetric InfoNCE with synthetic hard negatives mixed from the hardest ones (MoCHi).
 

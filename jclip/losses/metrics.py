@@ -3,9 +3,11 @@
 import jax.numpy as jnp
 
 from jclip.losses._device_axis import device_count, first_global_row, gather_rows, global_sum
+from jclip.losses._global_arrays import over_batch_axes
 from jclip.losses.geometry import alignment_loss, cross_modal_uniformity_loss, uniformity_loss
 
 
+@over_batch_axes(batch=("zimg", "ztxt"), replicated=("scale", "bias"), sharded_output=True)
 def logits(zimg, ztxt, scale, bias=None, *, axis_name=None):
     """`[b, B]` image→text logits of this device's images against the texts of all devices.
 
@@ -15,6 +17,7 @@ def logits(zimg, ztxt, scale, bias=None, *, axis_name=None):
     return out if bias is None else out + bias
 
 
+@over_batch_axes(batch=("zimg", "ztxt"))
 def top1_accuracy(zimg, ztxt, *, axis_name=None):
     """Fraction of the global batch whose nearest in-batch partner is its positive, both ways.
 
@@ -32,6 +35,7 @@ def top1_accuracy(zimg, ztxt, *, axis_name=None):
     return {"img2txt": accuracy(zimg, ztxt), "txt2img": accuracy(ztxt, zimg)}
 
 
+@over_batch_axes(batch=("zimg", "ztxt"))
 def embedding_geometry(zimg, ztxt, *, axis_name=None):
     """How the batch's embeddings sit in their space, the same on every device.
 

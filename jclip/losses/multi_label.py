@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 
 from jclip.losses._device_axis import device_count, global_sum
+from jclip.losses._global_arrays import over_batch_axes
 
 
+@over_batch_axes(batch=("class_logits", "targets"))
 def catlip_loss(class_logits, targets, *, axis_name=None):
     """Binary cross-entropy of CatLIP: image-text pre-training as multi-label classification.
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jclip.losses._device_axis import device_count, gather_rows, global_sum, own_columns
+from jclip.losses._global_arrays import over_batch_axes
 from jclip.losses._validation import as_scalar
 
 AGGREGATIONS = ("geometric", "arithmetic")
@@ -46,6 +47,7 @@ def _other_views(view_count):
     return ~jnp.eye(view_count, dtype=bool)
 
 
+@over_batch_axes(batch=("views",), replicated=("scale",))
 def multi_view_infonce_loss(views, scale, *, axis_name=None):
     """MV-InfoNCE of Koromilas et al. 2025, "A Principled Framework for Multi-View Contrastive
     Learning" (arXiv 2507.06979): InfoNCE with one term per sample, whose numerator holds every
@@ -83,6 +85,7 @@ def multi_view_infonce_loss(views, scale, *, axis_name=None):
     return global_sum(jnp.sum(energy - positive), axis_name) / batch
 
 
+@over_batch_axes(batch=("views",), replicated=("scale",))
 def multi_view_dhel_loss(views, scale, *, axis_name=None):
     """MV-DHEL of Koromilas et al. 2025, "A Principled Framework for Multi-View Contrastive
     Learning" (arXiv 2507.06979): the decoupled hyperspherical energy loss (DHEL, Koromilas et al.
@@ -123,6 +126,7 @@ def multi_view_dhel_loss(views, scale, *, axis_name=None):
     return global_sum(jnp.sum(jnp.sum(energy, axis=1) - positive), axis_name) / batch
 
 
+@over_batch_axes(batch=("views",), replicated=("scale",))
 def poly_view_loss(views, scale, *, aggregation="geometric", axis_name=None):
     """Poly-view contrastive loss of Shidani et al. 2024, "Poly-View Contrastive Learning"
     (arXiv 2403.05490): each view of a sample against each of its other views in turn, with the

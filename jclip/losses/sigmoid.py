@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from jclip.losses._device_axis import global_sum
+from jclip.losses._global_arrays import over_batch_axes
 from jclip.losses._validation import as_scalar, prepare_embeddings
 from jclip.losses.blocks import BlockReduction, reduce_over_keys
 
@@ -26,6 +27,7 @@ SIGMOID_SUM = BlockReduction(
 )
 
 
+@over_batch_axes(batch=("zimg", "ztxt"), replicated=("scale", "bias"))
 def siglip_loss(zimg, ztxt, scale, bias, *, axis_name=None, ring=False, block_size=None):
     """Sigmoid loss of SigLIP over the global batch of B pairs (Zhai et al. 2023, Eq. 1).
 
@@ -39,14 +41,15 @@ def siglip_loss(zimg, ztxt, scale, bias, *, axis_name=None, ring=False, block_si
         handled). Computed in at least float32.
       scale: exp(t'), a one-element array; bias: b, a one-element array (initial values in
         `jclip.losses.temperature`).
-      axis_name: None when the arrays are the whole batch (plain `jit`, or global arrays that XLA
-        partitions). Inside `jax.pmap` / `jax.shard_map`, the name of the device axis: the arrays
-        are this device's b rows, device d holding global rows d·b .. d·b + b - 1, and the result is
-        the loss of the global batch B = b · devices, identical on every device.
+      axis_name: None when the arrays are the whole batch: on one device, or global arrays sharded
+        over a mesh, where the loss runs per device over the batch's mesh axes. Inside `jax.pmap` /
+        `jax.shard_map`, the name of the device axis: the arrays are this device's b rows, device d
+        holding global rows d·b .. d·b + b - 1, and the result is the loss of the global batch
+        B = b · devices, identical on every device.
       ring: instead of all-gathering the texts, pass them around the ring (`lax.ppermute`) one
         device block at a time, as in the paper's chunked implementation (Sec. 3.3), recomputing
         each block in the backward pass; memory per device grows linearly with B. Needs
-        `axis_name`.
+        a device axis: `axis_name`, or global arrays sharded over a mesh.
       block_size: also split the columns each device scans into blocks of this many, with
         recomputation, so that even one device never holds `[b, B]` logits. Must divide the
         local batch with `ring`, the global batch without.

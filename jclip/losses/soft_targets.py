@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jclip.losses._device_axis import gather_rows, global_sum
+from jclip.losses._global_arrays import over_batch_axes
 from jclip.losses._validation import as_scalar, prepare_embeddings
 
 
@@ -16,6 +17,7 @@ def soft_target_cross_entropy(logits, targets):
     return jnp.sum(jax.nn.logsumexp(logits, axis=1) - jnp.sum(targets * logits, axis=1))
 
 
+@over_batch_axes(batch=("zimg", "ztxt"), replicated=("scale",))
 def cwcl_loss(zimg, ztxt, scale, *, similarity_from="text", axis_name=None):
     """Continuously Weighted Contrastive Loss (Srinivasa et al. 2023, arXiv 2309.14580).
 
@@ -58,6 +60,7 @@ def cwcl_loss(zimg, ztxt, scale, *, similarity_from="text", axis_name=None):
     return global_sum(local, axis_name) / (2 * batch)
 
 
+@over_batch_axes(batch=("zimg", "ztxt", "teacher_zimg", "teacher_ztxt"), replicated=("scale", "teacher_scale"))
 def distillation_loss(zimg, ztxt, scale, teacher_zimg, teacher_ztxt, teacher_scale, *, axis_name=None):
     """Cross-entropy from a teacher CLIP's similarities to the student's (OpenCLIP's `DistillClipLoss`).
 

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jclip.losses._device_axis import global_sum
+from jclip.losses._global_arrays import over_batch_axes
 from jclip.losses._validation import as_scalar, prepare_embeddings
 from jclip.losses.blocks import BlockReduction, reduce_over_keys
 
@@ -41,6 +42,7 @@ LOG_SUM_EXP = BlockReduction(
 )
 
 
+@over_batch_axes(batch=("zimg", "ztxt"), replicated=("scale",))
 def clip_loss(zimg, ztxt, scale, *, axis_name=None, ring=False, block_size=None, label_smoothing=0.0):
     """Symmetric InfoNCE of CLIP over the global batch of B pairs (Radford et al. 2021, Fig. 3).
 
@@ -55,13 +57,15 @@ def clip_loss(zimg, ztxt, scale, *, axis_name=None, ring=False, block_size=None,
       zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model; any values are
         handled). Computed in at least float32.
       scale: inverse temperature exp(t), a one-element array (see `jclip.losses.temperature`).
-      axis_name: None when the arrays are the whole batch (plain `jit`, or global arrays that XLA
-        partitions). Inside `jax.pmap` / `jax.shard_map`, the name of the device axis: the arrays
-        are this device's b rows, device d holding global rows d·b .. d·b + b - 1, and the result is
-        the loss of the global batch B = b · devices, identical on every device.
+      axis_name: None when the arrays are the whole batch: on one device, or global arrays sharded
+        over a mesh, where the loss runs per device over the batch's mesh axes. Inside `jax.pmap` /
+        `jax.shard_map`, the name of the device axis: the arrays are this device's b rows, device d
+        holding global rows d·b .. d·b + b - 1, and the result is the loss of the global batch
+        B = b · devices, identical on every device.
       ring: pass the other devices' embeddings around the ring (`lax.ppermute`) one device block at
         a time instead of all-gathering them, with a running log-sum-exp and the logits recomputed
-        in the backward pass; memory per device grows linearly with B. Needs `axis_name`.
+        in the backward pass; memory per device grows linearly with B. Needs a device axis:
+        `axis_name`, or global arrays sharded over a mesh.
       block_size: also split the columns each device scans into blocks of this many (online
         log-sum-exp, recomputation), so that even one device never holds `[b, B]` logits. Must
         divide the local batch with `ring`, the global batch without.

@@ -3,10 +3,12 @@
 import jax.numpy as jnp
 
 from jclip.losses._device_axis import gather_rows, global_sum
+from jclip.losses._global_arrays import over_batch_axes
 from jclip.losses._validation import as_scalar, prepare_embeddings
 from jclip.losses.soft_targets import soft_target_cross_entropy
 
 
+@over_batch_axes(batch=("zimg", "ztxt", "labels"), replicated=("scale",))
 def supervised_contrastive_loss(zimg, ztxt, scale, labels, *, axis_name=None):
     """Supervised contrastive loss between images and texts (Khosla et al. 2020, arXiv 2004.11362, Eq. 2).
 
