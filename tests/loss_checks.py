@@ -73,7 +73,9 @@ def assert_matches_reference(loss, reference, inputs, *, sharded, rtol=1e-4, **o
 
 def on_mesh(inputs, sharded, kind, devices=8):
     """`inputs` as global arrays on a 1-D mesh "data" of `kind` ("explicit" or "auto"): the `sharded` ones
-    split along their leading (batch) axis, the others replicated."""
+    split along their leading (batch) axis, the others replicated. Fewer devices where the machine has fewer
+    (one accelerator)."""
+    devices = min(devices, jax.device_count())
     mesh = jax.make_mesh((devices,), ("data",), axis_types=(MESH_KINDS[kind],), devices=jax.devices()[:devices])
     return {k: jax.device_put(v, NamedSharding(mesh, P("data") if k in sharded else P())) for k, v in inputs.items()}
 
