@@ -1,4 +1,5 @@
-"""Per-device losses under pmap and shard_map on 2 and 8 devices: gathered, ring, blocked.
+"""Per-device losses under pmap and shard_map on 1, 2 and 8 devices, and on global arrays over a mesh:
+gathered, ring, blocked.
 
 Every variant must give the single-device full-batch value and gradients: for the parameters of a
 small replicated model, and for the loss's inputs zimg, ztxt, scale and bias. The conventions are
@@ -114,7 +115,7 @@ def assert_close(actual, expected, rtol=2e-5):
 
 @pytest.mark.parametrize("tiling", TILINGS)
 @pytest.mark.parametrize("loss_name", LOSSES)
-@pytest.mark.parametrize("devices", [2, 8])
+@pytest.mark.parametrize("devices", [1, 2, 8])
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
 def test_per_device_loss_equals_single_device(mode, devices, loss_name, tiling):
     result = per_device(mode, devices, LOSSES[loss_name], **TILINGS[tiling])(*data())
