@@ -1,11 +1,42 @@
 """Contrastive image-text losses as pure JAX functions; no Flax, TensorFlow or config imports.
 
-Each loss returns the loss of the global batch, called three ways:
-- on one device, the arrays the whole batch (`axis_name=None`);
-- on global arrays sharded over a mesh, explicit or auto (`axis_name=None` under `jax.jit`): the loss
-  runs per device over the mesh axes that shard the batch, each device holding its own rows of the
-  logits (`_global_arrays.py`);
-- per device inside `jax.pmap` / `jax.shard_map`, the arrays this device's rows (`axis_name` set).
+Conventions of every function here, said once:
+
+- Inputs. Embeddings `[b, dim]` come as the model produced them (L2-normalised; other values are
+  handled) and are computed in at least float32, bfloat16 promoted. `scale` (the inverse
+  temperature exp(t)) and `bias` are one-element arrays (shape `()` or `(1,)`, as checkpoints
+  store them), so that gradients flow to them. Options (weights, block sizes, ...) are Python values.
+- The batch. Each function returns the value of the global batch of B rows, called three ways:
+  - on one device, the arrays the whole batch (`axis_name=None`);
+  - on global arrays sharded over a mesh, explicit or auto (`axis_name=None` under `jax.jit`): the
+    function runs per device over the mesh axes that shard the batch, each device keeping its own
+    rows of the logits (`_global_arrays.py`);
+  - per device inside `jax.pmap` / `jax.shard_map`: `axis_name` names the device axis, the arrays
+    are this device's b rows (device d holds global rows d·b .. d·b + b - 1, the order of
+    `lax.all_gather`), and the result is the global batch's value, the same on every device.
+  The value and the gradients never depend on the number of devices.
+- Gradients per device (params replicated, data sharded over axis "data"). Under `jax.shard_map`
+  (default `check_vma=True`), `jax.grad` of the returned loss is already the global gradient, the
+  same on every device; no extra collective:
+
+      def step(params, images, texts):           # this device's rows of the batch
+          def loss_fn(params):
+              zimg, ztxt, scale = model(params, images, texts)
+              return clip_loss(zimg, ztxt, scale, axis_name="data")
+          return jax.value_and_grad(loss_fn)(params)
+      jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=(P(), P())))
+
+  Under `jax.pmap` (and `shard_map` with `check_vma=False`), each device's `jax.grad` is the
+  derivative of the sum of the N per-device copies of the loss with respect to its own copy of the
+  params, N times that device's share; `lax.pmean` over the axis gives the global gradient:
+
+      def step(params, images, texts):
+          loss, grads = jax.value_and_grad(loss_fn)(params)
+          return loss, jax.lax.pmean(grads, "data")
+      jax.pmap(step, axis_name="data", in_axes=(None, 0, 0))
+
+  The same holds for `scale` and `bias`. Gradients with respect to the local embeddings are the
+  global loss's under `shard_map` and N times those under `pmap`.
 
 | family | losses |
 |---|---|

@@ -26,14 +26,13 @@ def caption_loss(caption_logits, tokens, *, pad_id=0, label_smoothing=0.0, axis_
     batch without any target token gives 0.
 
     Args:
-      caption_logits: `[b, L, K]` next-token logits. Computed in at least float32.
+      caption_logits: `[b, L, K]` next-token logits.
       tokens: `[b, L]` integer token ids in [0, K) (a larger target id makes the loss NaN), the
         caption the logits were computed from (start token first, padded with `pad_id` after the
         end).
       pad_id: the padding token id, a Python int.
       label_smoothing: ε above, a Python float in [0, 1]: 1 - ε on the target and ε / K on every
         class (the target included), as in optax and PyTorch.
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar loss of the global batch.

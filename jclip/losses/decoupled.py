@@ -37,12 +37,10 @@ def dcl_loss(zimg, ztxt, scale, *, weight_sigma=None, axis_name=None):
     well as through l_ii.
 
     Args:
-      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model). Computed in at
-        least float32.
+      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model).
       scale: inverse temperature exp(t), a one-element array (see `jclip.losses.temperature`).
       weight_sigma: None for DCL; σ > 0 for DCLW (a Python float; 0.5 in the reference
         implementation).
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar loss of the global batch, the same for every number of devices.

@@ -53,10 +53,8 @@ def alignment_loss(zimg, ztxt, *, alpha=2.0, axis_name=None):
     over the global batch of B pairs. Where a pair coincides the gradient is taken as 0.
 
     Args:
-      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model). Computed in at
-        least float32.
+      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model).
       alpha: the exponent α, a positive Python float (the paper's default 2).
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar alignment of the global batch.
@@ -81,10 +79,8 @@ def uniformity_loss(z, *, t=2.0, axis_name=None):
     unordered pairs). Computed as a log-sum-exp, finite for any distances.
 
     Args:
-      z: `[b, dim]` embeddings of one modality (normalised by the model). Computed in at least
-        float32.
+      z: `[b, dim]` embeddings of one modality (normalised by the model).
       t: the potential's sharpness, a positive Python float (the paper's default 2).
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar uniformity of the global batch.
@@ -109,10 +105,8 @@ def cross_modal_uniformity_loss(zimg, ztxt, *, t=2.0, axis_name=None):
     log-sum-exp, finite for any distances.
 
     Args:
-      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model). Computed in at
-        least float32.
+      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model).
       t: the potential's sharpness, a positive Python float (default 2, as in the paper).
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar cross-modal uniformity of the global batch.
@@ -138,12 +132,10 @@ def contrastive_gap_loss(zimg, ztxt, scale, *, alignment_weight=1.0, uniformity_
     that L_Uniform alone has in its L_CUA. Every term is a mean over the global batch of B pairs.
 
     Args:
-      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model). Computed in at
-        least float32.
+      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model).
       scale: inverse temperature exp(t) of `clip_loss`, a one-element array.
       alignment_weight, uniformity_weight: non-negative Python floats.
       t: the uniformity potential's sharpness, a positive Python float (default 2, as in the paper).
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar loss of the global batch.

@@ -32,13 +32,11 @@ def hard_negative_clip_loss(zimg, ztxt, scale, *, beta, tau_plus=0.0, axis_name=
     space, so large scales do not overflow. With β = 0 and τ⁺ = 0 the loss is `clip_loss`.
 
     Args:
-      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model). Computed in at
-        least float32.
+      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model).
       scale: inverse temperature exp(t), a one-element array (see `jclip.losses.temperature`).
       beta: β ≥ 0, the concentration on hard negatives (a Python float; 0 weighs all alike).
       tau_plus: τ⁺ in [0, 1), the assumed probability that a negative is in fact a positive
         (a Python float).
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar loss of the global batch, the same for every number of devices.
@@ -97,14 +95,12 @@ def negclip_loss(zimg, ztxt, scale, negative_ztxt, *, negative_mask=None, axis_n
     With K = 0, or every negative masked out, the loss is `clip_loss`.
 
     Args:
-      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model). Computed in at
-        least float32.
+      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model).
       scale: inverse temperature exp(t), a one-element array (see `jclip.losses.temperature`).
       negative_ztxt: `[b, K, dim]` embeddings of the K negative captions made from each row's
         caption, sharded like `ztxt`.
       negative_mask: optional `[b, K]` bool; False marks a missing negative (a caption the
         perturbation could not produce), whose column is left out. None keeps all.
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar loss of the global batch, the same for every number of devices.
@@ -166,7 +162,7 @@ def mochi_loss(zimg, ztxt, scale, key, *, hardest, mixed, mixed_with_query=0, ax
 
     Args:
       zimg, ztxt: `[b, dim]` image and text embeddings, unit length like the synthetic
-        negatives (normalised by the model). Computed in at least float32.
+        negatives (normalised by the model).
       scale: inverse temperature exp(t), a one-element array (see `jclip.losses.temperature`).
       key: a JAX PRNG key, `jax.random.key(seed)` or the raw `jax.random.PRNGKey(seed)`,
         the same on every device.
@@ -175,7 +171,6 @@ def mochi_loss(zimg, ztxt, scale, key, *, hardest, mixed, mixed_with_query=0, ax
       mixed: how many negatives mixed from two hard negatives each row gets (s in the paper).
       mixed_with_query: how many negatives mixed from the query and a hard negative each row
         gets (s' in the paper).
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar loss of the global batch, the same for every number of devices.

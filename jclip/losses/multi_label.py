@@ -24,10 +24,9 @@ def catlip_loss(class_logits, targets, *, axis_name=None):
     would divide by C as well). The 1/B is global, whatever the number of devices.
 
     Args:
-      class_logits: `[b, C]` logits. Computed in at least float32.
+      class_logits: `[b, C]` logits.
       targets: `[b, C]` multi-hot targets, 0 or 1 of any dtype (bool, integer or float; values
         in between act as soft labels).
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar loss of the global batch.

@@ -69,10 +69,8 @@ def multi_view_infonce_loss(views, scale, *, axis_name=None):
     equality when every row and its column have the same log-sum-exp (symmetric logits).
 
     Args:
-      views: `[b, V, dim]` embeddings, V ≥ 2 views per sample (normalised by the model; any
-        values are handled). Computed in at least float32.
+      views: `[b, V, dim]` embeddings, V ≥ 2 views per sample (normalised by the model).
       scale: inverse temperature 1/τ, a one-element array.
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar loss of the global batch.
@@ -106,11 +104,9 @@ def multi_view_dhel_loss(views, scale, *, axis_name=None):
     There are no cross-view negatives, so no relation to `clip_loss`.
 
     Args:
-      views: `[b, V, dim]` embeddings, V ≥ 2 views per sample (normalised by the model; any
-        values are handled). Computed in at least float32. The global batch must hold at least
-        2 samples.
+      views: `[b, V, dim]` embeddings, V ≥ 2 views per sample (normalised by the model). The
+        global batch must hold at least 2 samples.
       scale: inverse temperature 1/τ, a one-element array.
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar loss of the global batch.
@@ -154,12 +150,10 @@ def poly_view_loss(views, scale, *, aggregation="geometric", axis_name=None):
     exp(l_{iα,jα}), j ≠ i, added to each denominator, so never below `clip_loss`.
 
     Args:
-      views: `[b, V, dim]` embeddings, V ≥ 2 views per sample (normalised by the model; any
-        values are handled). Computed in at least float32. The global batch must hold at least
-        2 samples.
+      views: `[b, V, dim]` embeddings, V ≥ 2 views per sample (normalised by the model). The
+        global batch must hold at least 2 samples.
       scale: inverse temperature 1/τ, a one-element array.
       aggregation: "geometric" or "arithmetic".
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar loss of the global batch.

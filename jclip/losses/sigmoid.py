@@ -37,15 +37,9 @@ def siglip_loss(zimg, ztxt, scale, bias, *, axis_name=None, ring=False, block_si
     the global batch and the normalisation is 1/B whatever the number of devices.
 
     Args:
-      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model; any values are
-        handled). Computed in at least float32.
+      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model).
       scale: exp(t'), a one-element array; bias: b, a one-element array (initial values in
         `jclip.losses.temperature`).
-      axis_name: None when the arrays are the whole batch: on one device, or global arrays sharded
-        over a mesh, where the loss runs per device over the batch's mesh axes. Inside `jax.pmap` /
-        `jax.shard_map`, the name of the device axis: the arrays are this device's b rows, device d
-        holding global rows d·b .. d·b + b - 1, and the result is the loss of the global batch
-        B = b · devices, identical on every device.
       ring: instead of all-gathering the texts, pass them around the ring (`lax.ppermute`) one
         device block at a time, as in the paper's chunked implementation (Sec. 3.3), recomputing
         each block in the backward pass; memory per device grows linearly with B. Needs
@@ -57,32 +51,6 @@ def siglip_loss(zimg, ztxt, scale, bias, *, axis_name=None, ring=False, block_si
     Returns:
       The scalar loss of the global batch; the same value and gradients for every choice of
       devices, `ring` and `block_size`.
-
-    Gradients (params replicated, data sharded over axis "data"):
-
-      shard_map (default `check_vma=True`): `jax.grad` of the returned loss is already the
-      gradient of the global loss, the same on every device; no extra collective:
-
-        def step(params, images, texts):           # per-device shards of the batch
-            def loss_fn(params):
-                zimg, ztxt, scale, bias = model(params, images, texts)
-                return siglip_loss(zimg, ztxt, scale, bias, axis_name="data")
-            return jax.value_and_grad(loss_fn)(params)
-        jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data"), P("data")),
-                              out_specs=(P(), P())))
-
-      pmap (and shard_map with `check_vma=False`): each device's `jax.grad` is the derivative of
-      the sum of the N per-device copies of the loss with respect to its own copy of the params,
-      N times that device's share of the gradient; `lax.pmean` over the axis gives the global
-      gradient:
-
-        def step(params, images, texts):
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            return loss, jax.lax.pmean(grads, "data")
-        jax.pmap(step, axis_name="data", in_axes=(None, 0, 0))
-
-      The same holds for gradients of `scale` and `bias`. Gradients with respect to the local
-      embeddings are the global loss's under shard_map and N times those under pmap.
     """
     zimg, ztxt, _, batch = prepare_embeddings(zimg, ztxt, axis_name=axis_name, ring=ring, block_size=block_size)
     scale, bias = as_scalar(scale, "scale"), as_scalar(bias, "bias")

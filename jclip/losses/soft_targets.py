@@ -37,11 +37,9 @@ def cwcl_loss(zimg, ztxt, scale, *, similarity_from="text", axis_name=None):
     over the global batch of B pairs, both directions with the same (symmetric) W.
 
     Args:
-      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model). Computed in at
-        least float32.
+      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model).
       scale: inverse temperature exp(t), a one-element array.
       similarity_from: "text" (r = ztxt) or "image" (r = zimg).
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar loss of the global batch.
@@ -82,8 +80,6 @@ def distillation_loss(zimg, ztxt, scale, teacher_zimg, teacher_ztxt, teacher_sca
       teacher_zimg, teacher_ztxt: `[b, teacher_dim]` teacher embeddings of the same examples;
         teacher_dim may differ from dim.
       teacher_scale: the teacher's inverse temperature, a one-element array.
-      axis_name: as for `clip_loss`.
-      All embeddings are computed in at least float32.
 
     Returns:
       The scalar loss of the global batch.

@@ -27,11 +27,9 @@ def supervised_contrastive_loss(zimg, ztxt, scale, labels, *, axis_name=None):
     `clip_loss`.
 
     Args:
-      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model). Computed in at
-        least float32.
+      zimg, ztxt: `[b, dim]` image and text embeddings (normalised by the model).
       scale: inverse temperature exp(t), a one-element array.
       labels: `[b]` integer class of each pair.
-      axis_name: as for `clip_loss`.
 
     Returns:
       The scalar loss of the global batch.
