@@ -18,12 +18,12 @@ from open_clip_support import import_open_clip, random_open_clip
 from test_multiprocess import run_workers
 from jclip import models, parallel
 from jclip.convert import from_open_clip
-from jclip.data import prompts
+from jclip.data import preprocess, prompts
 from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate.embed import embed_all
 from jclip.evaluate.from_checkpoint import evaluate_checkpoint
 from jclip.evaluate.retrieval import recall_at_k
-from jclip.evaluate.tasks import Evaluator, run_tasks, select_tasks
+from jclip.evaluate.tasks import EVALUATION_PREPROCESS, Evaluator, run_tasks, select_tasks
 from jclip.evaluate.zero_shot import classify_by_prompts
 
 
@@ -83,11 +83,15 @@ def test_two_processes_give_the_single_process_results(tmp_path, shapes_data_dir
 
 
 def test_retrieval_with_several_captions_per_image(shapes_data_dir):
+    """Recall@K as NumPy computes it from the same embeddings: every caption of an image is a hit for it, and
+    the padding of the batches to 3 captions per image counts neither as a caption nor as a hit."""
+    pictures = [tf.io.encode_png(tf.fill([64, 64, 3], tf.constant(20 * i, tf.uint8))).numpy() for i in range(12)]
+    captions = [[f"a red circle number {i}"] * (1 + i % 3) for i in range(12)]
+
     def coco_like(*args, **kwargs):
         def generate():
-            for i in range(12):
-                image = tf.io.encode_png(tf.fill([64, 64, 3], tf.constant(20 * i, tf.uint8))).numpy()
-                yield {"image": image, "captions": {"text": [f"a red circle number {i}"] * (1 + i % 3)}}
+            for picture, texts in zip(pictures, captions):
+                yield {"image": picture, "captions": {"text": texts}}
         signature = {"image": tf.TensorSpec([], tf.string), "captions": {"text": tf.TensorSpec([None], tf.string)}}
         return tf.data.Dataset.from_generator(generate, output_signature=signature).apply(
             tf.data.experimental.assert_cardinality(12))
@@ -96,11 +100,19 @@ def test_retrieval_with_several_captions_per_image(shapes_data_dir):
                                                caption_key="captions/text"))
     evaluator = micro_evaluator(shapes_data_dir, parallel.make_mesh(8), batch_size=8)  # not under the mock
     with tfds.testing.mock_data(num_examples=12, as_dataset_fn=coco_like):
-        metrics = run_tasks(evaluator, {"coco": task})
-    metrics = metrics["coco"].metrics
-    # Batches pad every image to 3 captions; the padding is not counted as captions (nor as hits).
-    assert metrics["num_images"] == 12 and metrics["num_captions"] == 4 * (1 + 2 + 3)
-    assert 0 < metrics["text_to_image"]["R@10"] <= 1 and 0 < metrics["image_to_text"]["R@10"] <= 1
+        metrics = run_tasks(evaluator, {"coco": task})["coco"].metrics
+    owner = np.repeat(np.arange(12), [len(c) for c in captions])
+    assert metrics["num_images"] == 12 and metrics["num_captions"] == len(owner) == 24
+
+    decode = preprocess.parse(EVALUATION_PREPROCESS)
+    images = evaluator.embed_array(np.stack([decode(p, tf.constant([0, 0], tf.int64)) for p in pictures]))
+    similarity = images @ evaluator.embed_texts([c for per_image in captions for c in per_image]).T
+    own = similarity[owner, np.arange(len(owner))]  # each caption with its image
+    best_own = np.array([own[owner == i].max() for i in range(12)])
+    ranks = {"image_to_text": np.sum(similarity > best_own[:, None], axis=1),  # other images' captions above
+             "text_to_image": np.sum(similarity > own, axis=0)}  # other images above the caption's own
+    for direction, rank in ranks.items():
+        assert metrics[direction] == {f"R@{k}": np.mean(rank < k) for k in (1, 5, 10)}, direction
 
 
 def test_bad_task_options_are_named(shapes_data_dir):

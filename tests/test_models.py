@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core.primitives import remat_p
 from jax.sharding import PartitionSpec as P
 
 from jclip import models, parallel
+from jclip.losses import clip_loss
 from jclip.models.partitioning import fsdp_param_shardings
 from jclip.models.summary import summarize
 
@@ -37,6 +39,13 @@ def inputs(model, batch=2, seed=0):
     tokens = rng.integers(1, VOCAB, (batch, LENGTH)).astype(np.int32)
     tokens[0, 5:] = 0
     return jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32), jnp.asarray(tokens)
+
+
+def assert_gradients_close(got, want, tolerance):
+    """Every gradient within `tolerance` times the largest one: float32 rounding errors scale with the
+    largest terms of a sum, and some gradients are zero up to rounding (attention key biases)."""
+    largest = max(np.abs(g).max() for g in jax.tree.leaves(want))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * largest), got, want)
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,15 +83,26 @@ def test_bfloat16_compute_stays_close_to_float32(name):
 
 
 def test_remat_gives_the_same_values_and_gradients():
+    """Remat recomputes the block of each tower and changes no value or gradient of a loss of both towers."""
     plain, remat = reduced("ViT-B-32"), reduced("ViT-B-32", remat=True)
     images, tokens = inputs(plain)
     params = jax.jit(plain.init)(jax.random.key(0), images, tokens)
     assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(remat.init, jax.random.key(0), images, tokens))
+    for method, x in (("encode_image", images), ("encode_text", tokens)):
+        jaxpr = str(jax.make_jaxpr(lambda p: remat.apply(p, x, method=method))(params))
+        assert jaxpr.count(f"{remat_p.name}[") == 1, f"{method}: its block is not rematerialised"
 
-    def loss(model):
-        return jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, images, tokens)["zimg"] ** 3)))(params)
+    def value_and_grads(model):
+        def loss(p):
+            out = model.apply(p, images, tokens)
+            return clip_loss(out["zimg"], out["ztxt"], out["scale"])
+        return jax.jit(jax.value_and_grad(loss))(params)
 
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), loss(plain), loss(remat))
+    (value, grads), (remat_value, remat_grads) = value_and_grads(plain), value_and_grads(remat)
+    for tower in ("image_tower", "text_tower"):
+        assert all(np.any(g != 0) for g in jax.tree.leaves(grads["params"][tower])), tower
+    np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+    assert_gradients_close(remat_grads, grads, 1e-6)  # measured: 2.5e-7, float32 rounding of reordered sums
 
 
 def test_logical_axes_annotate_parameters_for_fsdp():
@@ -135,10 +155,7 @@ def test_text_pooling_reads_the_chosen_position(pool, position):
     changed = tokens.copy()
     changed[0, position] = 3
     assert not np.allclose(encode(changed), encode(tokens), atol=1e-5)
-    if pool == "argmax":  # later (smaller) ids leave the end token where it is
-        after = tokens.copy()
-        after[0, position + 1:] = 1
-        np.testing.assert_allclose(encode(after), encode(tokens), atol=1e-6)
+    np.testing.assert_allclose(encode(tokens[:, :position + 1]), encode(tokens), atol=1e-6)  # nothing after it counts
 
 
 def test_bad_names_and_options_are_clear_errors():
@@ -215,5 +232,7 @@ def test_bfloat16_matmul_model_shards_exactly():
         results.append(jax.device_get(make_gradient_step(model, mesh)(params, parallel.global_batch(batch, mesh))))
     (loss_1, grads_1), (loss_2, grads_2) = results
     np.testing.assert_allclose(loss_2, loss_1, rtol=1e-5)
-    largest = max(np.abs(g).max() for g in jax.tree.leaves(grads_1))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3 * largest), grads_2, grads_1)
+    # The gradients of the global batch however it is split: a partial gradient not summed over the
+    # devices, or summed twice, is off by a factor. Not tighter: float32 sums ordered differently on
+    # two devices move a cotangent across a bfloat16 rounding boundary (measured: 3e-4, text key kernel).
+    assert_gradients_close(grads_2, grads_1, 1e-3)

@@ -83,26 +83,38 @@ def test_two_processes_split_an_epoch_without_overlap(csv_file, tar_shards):
         assert sorted(halves[0] + halves[1]) == sorted(first_captions(build(0, 1)))  # each example exactly once
 
 
+SEED, SHUFFLE_BUFFER = 5, 100  # of the streams `read` makes
+
+
 def read(sources, tokenizer, start=0, batches=3, batch_size=8, spec="decode|resize(8)|value_range(-1, 1)"):
     mesh = parallel.make_mesh()
-    stream = pipeline.TrainInput(sources, tokenizer, mesh, batch_size=batch_size, text_length=16, seed=5,
-                                 shuffle_buffer=100, image_preprocess=spec, start_position=start)
+    stream = pipeline.TrainInput(sources, tokenizer, mesh, batch_size=batch_size, text_length=16, seed=SEED,
+                                 shuffle_buffer=SHUFFLE_BUFFER, image_preprocess=spec, start_position=start)
     out = [{k: np.asarray(v) for k, v in next(stream).items()} for _ in range(batches)]
     return out, stream
 
 
 def test_corrupt_images_and_missing_captions_are_skipped_and_counted(csv_file, tokenizer):
+    """Batches hold the readable examples of the raw stream in its order, each image its caption's picture,
+    and `skipped` counts the others drawn before them."""
     source = csv_source(csv_file, caption_column="title")
-    batches, stream = read([(source, 1.0)], tokenizer, batches=5)  # 40 draws: more than an epoch of 25
-    # Per epoch of 25 rows: 2 corrupt images, 1 empty caption, 1 missing file.
-    assert stream.skipped == stream.position - 40
-    assert 4 <= stream.skipped <= 8
-    tokens = np.concatenate([b["tokens"] for b in batches])
-    decoded = [tokenizer.decode(t) for t in tokens]
-    assert all(d.startswith("picture number") for d in decoded)
-    for b in batches:
-        assert b["image"].shape == (8, 8, 8, 3) and b["image"].dtype == np.float32
-        assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+    batches, stream = read([(source, 1.0)], tokenizer, batches=5)  # 40 examples: more than an epoch of 25 rows
+    unreadable = {f"{i}.png" for i in CORRUPT | EMPTY_CAPTION} | {"missing.png"}
+    raw = pipeline.mixed_stream([(source, 1.0)], SEED, SHUFFLE_BUFFER, start=0).as_numpy_iterator()
+    readable, skipped = [], 0
+    while len(readable) < 40:
+        name = os.path.basename(next(raw)["image_path"].decode())
+        if name in unreadable:
+            skipped += 1
+        else:
+            readable.append(int(name.removesuffix(".png")))
+    numbers = [int(tokenizer.decode(t).split()[-1]) for b in batches for t in b["tokens"]]
+    assert numbers == readable
+    images = np.concatenate([b["image"] for b in batches])
+    assert images.shape == (40, 8, 8, 3) and images.dtype == np.float32
+    for image, number in zip(images, numbers):
+        np.testing.assert_allclose(image, 20 * number / 255 - 1, atol=1e-6)  # png(10 * number) in [-1, 1]
+    assert stream.skipped == skipped and stream.position == 40 + skipped
 
 
 def test_tokens_match_the_tokenizer_and_images_match_their_captions(tar_shards, tokenizer):
@@ -129,11 +141,14 @@ def test_resume_continues_with_the_next_batch_exactly(csv_file, tar_shards, toke
 
 
 def test_mixture_follows_the_weights(csv_file, tar_shards):
+    """Weights 1 : 3 draw a quarter of the examples from the CSV source, whose examples name an image file."""
     sources = [(csv_source(csv_file, caption_column="title"), 1.0), (tar_source(tar_shards), 3.0)]
-    stream = pipeline.mixed_stream(sources, seed=0, shuffle_buffer=100, start=0).take(2000)
-    counts = pipeline._draws_per_source(2000, 0, tf.constant([0.25]), 2)
-    assert sum(counts) == 2000 and abs(counts[0] / 2000 - 0.25) < 0.03
-    assert sum(1 for _ in stream) == 2000
+    draws = 2000
+    paths = pipeline.mixed_stream(sources, seed=0, shuffle_buffer=100, start=0).take(draws).map(
+        lambda example: example["image_path"])
+    from_csv = sum(path != b"" for path in paths.as_numpy_iterator())
+    # 4 binomial standard errors, sqrt(0.25 * 0.75 / 2000) = 0.0097; equal weights would be 26 of them away.
+    assert abs(from_csv / draws - 0.25) < 4 * np.sqrt(0.25 * 0.75 / draws)
 
 
 def test_preprocessing_spec_errors_name_the_op():
