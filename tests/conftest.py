@@ -19,6 +19,22 @@ import pathlib
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+SKIPPED_WITHOUT_TORCH = []  # node ids of the tests skipped because the torch extra is missing
+
+
+def pytest_runtest_logreport(report):
+    """Note the tests skipped for lack of the torch extra: their reasons name it or open_clip."""
+    if report.skipped and isinstance(report.longrepr, tuple) and (
+            "torch extra" in report.longrepr[2] or "open_clip" in report.longrepr[2]):
+        SKIPPED_WITHOUT_TORCH.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line at the end: how many tests the missing torch extra skipped, and how to run them."""
+    if SKIPPED_WITHOUT_TORCH:
+        terminalreporter.write_line(
+            f"{len(SKIPPED_WITHOUT_TORCH)} test(s) skipped for lack of the torch extra (torch, open_clip): the "
+            "OpenCLIP comparisons. `make test` installs it (or pip install -e '.[torch]').", yellow=True, bold=True)
 
 
 def load_config(name: str):

@@ -2,14 +2,19 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
+import pytest
 
 from conftest import REPO
+from multiprocess_worker import worker_config
 
 
 def free_port() -> int:
@@ -18,22 +23,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(script: str, processes: int, *args) -> None:
-    """`tests/<script> PROCESS_ID NUM_PROCESSES PORT *args` as `processes` processes joined on loopback."""
+def run_workers(script: str, processes: int, *args, timeout: float = 300) -> list[str]:
+    """`tests/<script> PROCESS_ID NUM_PROCESSES PORT *args` as `processes` processes joined on loopback.
+
+    Returns each process's output. Fails if any process exits non-zero or if they have not all
+    exited within `timeout` seconds (a hang, e.g. processes waiting in different collectives):
+    then every process is killed.
+    """
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # each worker sets its own device count
+    logs = [tempfile.TemporaryFile("w+") for _ in range(processes)]  # files, not pipes: no process blocks on output
     launched = [subprocess.Popen([sys.executable, str(REPO / "tests" / script), str(i), str(processes), str(port),
                                   *map(str, args)],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for i in range(processes)]
-    outputs = [p.communicate(timeout=300)[0] for p in launched]
-    for p, output in zip(launched, outputs):
-        assert p.returncode == 0, output[-3000:]
+                                 env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+                for i, log in enumerate(logs)]
+    deadline = time.monotonic() + timeout
+    try:
+        for p in launched:
+            p.wait(timeout=max(deadline - time.monotonic(), 0))
+        hung = False
+    except subprocess.TimeoutExpired:
+        hung = True
+    finally:
+        for p in launched:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    report = "\n".join(f"--- process {i} (exit {p.returncode}) ---\n{output[-3000:]}"
+                       for i, (p, output) in enumerate(zip(launched, outputs)))
+    if hung:
+        pytest.fail(f"{script}: not every process exited within {timeout} s; killed\n{report}")
+    assert all(p.returncode == 0 for p in launched), report
+    return outputs
 
 
-def run_processes(workdir, data_dir, steps, processes=2):
-    run_workers("multiprocess_worker.py", processes, workdir, data_dir, steps)
+def run_processes(workdir, data_dir, steps, *sigterm_after, processes=2):
+    """`tests/multiprocess_worker.py`: `train()` to `steps` in `processes` processes; returns their outputs."""
+    return run_workers("multiprocess_worker.py", processes, workdir, data_dir, steps,
+                       *([",".join(map(str, sigterm_after))] if sigterm_after else []))
 
 
 def run_topology(workdir, end_step, processes, devices_per_process, sharding, middle_step=None):
@@ -43,15 +76,25 @@ def run_topology(workdir, end_step, processes, devices_per_process, sharding, mi
     return np.load(os.path.join(workdir, f"params_{end_step}.npz"))
 
 
+def checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
+
+
 def resume_copy(workdir, step, copy):
-    """A copy of `workdir` whose latest checkpoint is `step`."""
-    shutil.copytree(workdir, copy)
+    """A copy of `workdir` whose latest checkpoint is `step`, without the parameter files
+    (`params_*.npz`) its runs wrote: whatever a run in the copy is compared by, it wrote itself."""
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("params_*.npz"))
     checkpoints = os.path.join(copy, "checkpoints")
     for name in os.listdir(checkpoints):
         if name.isdigit() and int(name) > step:
             shutil.rmtree(os.path.join(checkpoints, name))
-    assert max(int(name) for name in os.listdir(checkpoints) if name.isdigit()) == step
+    assert checkpoint_steps(copy)[-1] == step
     return copy
+
+
+def read_record(workdir, step) -> dict:
+    with open(os.path.join(workdir, "checkpoints", str(step), "record", "metadata")) as f:
+        return json.load(f)
 
 
 def assert_params_close(actual, expected):
@@ -74,18 +117,59 @@ def test_two_hosts_of_four_devices_equal_one_host_of_eight_and_resume_each_other
     assert_params_close(run_topology(one_then_two, 4, 2, 4, "fsdp"), one_host)
 
 
-def test_two_processes_train_and_resume_exactly(tmp_path, shapes_data_dir):
-    run_processes(tmp_path / "straight", shapes_data_dir, steps=6)  # checkpoints at steps 3 and 6
-    run_processes(resume_copy(tmp_path / "straight", 3, tmp_path / "resumed"), shapes_data_dir, steps=6)
-    straight = np.load(tmp_path / "straight" / "params_step6.npz")
-    resumed = np.load(tmp_path / "resumed" / "params_step6.npz")
-    for key in straight.files:
-        np.testing.assert_array_equal(straight[key], resumed[key])
-    with open(tmp_path / "resumed" / "checkpoints" / "6" / "record" / "metadata") as f:
-        record = json.load(f)
-    assert record["data_position"] == [6 * 8, 6 * 8]  # each process drew its half of every batch
-    losses = [json.loads(line)["loss"] for line in open(tmp_path / "straight" / "metrics.jsonl")]
-    assert len(losses) == 6 and losses[-1] < losses[0]
+def test_two_processes_resume_exactly_stop_together_on_sigterm_and_resume_on_one(tmp_path, shapes_data_dir, capsys):
+    """`train()` in 2 processes: resumed, it continues exactly as the straight run; SIGTERM reaching
+    the processes a step apart stops both at one step, saved once; and 1 process resumes the
+    2 processes' checkpoint from an even split of the examples they drew."""
+    straight = tmp_path / "straight"
+    run_processes(straight, shapes_data_dir, 8)  # checkpoints at steps 3, 6 and 8
+    losses = [json.loads(line)["loss"] for line in open(straight / "metrics.jsonl")]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert read_record(straight, 6)["data_position"] == [6 * 8, 6 * 8]  # each process drew its half of every batch
+
+    # Resumed at step 3, process 0 gets SIGTERM after step 4, process 1 after step 5 (or while it saves, if
+    # the run stops first). JAX's preemption service stops both at the step after the last one either had
+    # asked about at the notice (4 or later), and that step is saved once.
+    stopped = resume_copy(straight, 3, tmp_path / "stopped")
+    outputs = run_processes(stopped, shapes_data_dir, 8, 4, 5)
+    stops = [re.findall(r"Stopped at step (\d+) on request", output) for output in outputs]
+    assert all("at step 3." in output for output in outputs) and "SIGTERM after step 4" in outputs[0]
+    assert len(stops[0]) == 1 and stops[0] == stops[1], "\n".join(output[-3000:] for output in outputs)
+    stop = int(stops[0][0])
+    assert 4 <= stop < 8 and checkpoint_steps(stopped) == sorted({3, stop, *([6] if stop > 6 else [])})
+    assert read_record(stopped, stop)["data_position"] == [stop * 8, stop * 8]
+    # The same command again continues from the stop, exactly as the straight run.
+    for output in run_processes(stopped, shapes_data_dir, 8):
+        assert f"at step {stop}." in output, output[-3000:]
+    expected = np.load(straight / "params_step8.npz")
+    resumed = np.load(stopped / "params_step8.npz")
+    for key in expected.files:
+        np.testing.assert_array_equal(resumed[key], expected[key])
+    assert read_record(stopped, 8)["data_position"] == [8 * 8, 8 * 8]
+
+    # One process (this one) resumes step 3 of the two: it continues from the 2 × 24 examples drawn.
+    from jclip.train.loop import train
+
+    one_process = resume_copy(straight, 3, tmp_path / "one_process")
+    capsys.readouterr()
+    state = train(worker_config(shapes_data_dir, 6), str(one_process), evaluate_at_end=False)
+    assert "written by 2 processes" in capsys.readouterr().out and int(state.step) == 6
+    assert read_record(one_process, 6)["data_position"] == [2 * 3 * 8 + 3 * 16]
+
+
+def test_even_split_of_the_data_position_over_another_process_count(monkeypatch):
+    """`start_position`: the same count continues each process's own position; another count splits the sum."""
+    import jax
+
+    from jclip.train.loop import start_position
+
+    record = {"data_position": [30, 31, 35]}
+    monkeypatch.setattr(jax, "process_index", lambda: 2)
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    assert start_position(record, None) == 35
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert start_position(record, None) == 48
 
 
 def test_train_command_joins_a_multihost_job(tmp_path, shapes_data_dir):

@@ -16,6 +16,7 @@ from jclip.data import shapes
 from jclip.train.loop import train
 from jclip.train.objective import LOSSES, caption_labels, make_objective
 from jclip.train.step import make_gradient_step
+from jclip.train.teacher import make_teacher
 from test_train import read_metrics
 from test_train_step import assert_trees_close, init_params
 
@@ -142,10 +143,23 @@ def test_the_step_embeds_hard_negatives_and_caches_their_gradients():
         make_gradient_step(model, parallel.make_mesh(1), spec)(params, random_batch(16))
 
 
-def test_trainer_distils_a_teacher_checkpoint_with_hard_negatives(tiny_config, tmp_path):
+def test_trainer_distils_a_teacher_checkpoint_with_hard_negatives(tiny_config, tmp_path, monkeypatch):
+    """The teacher's outputs in the batch are those of the teacher run's parameters on the batch's inputs."""
     tiny_config.total_steps = 2
     teacher = str(tmp_path / "teacher")
-    train(tiny_config, teacher, evaluate_at_end=False)
+    teacher_params = train(tiny_config, teacher, evaluate_at_end=False).params
+    seen = []
+
+    def recorded_teacher(*args):
+        teacher = make_teacher(*args)
+
+        def call(batch):
+            out = teacher(batch)
+            seen.append(jax.device_get({**batch, **out}))
+            return out
+        return call
+
+    monkeypatch.setattr("jclip.train.loop.make_teacher", recorded_teacher)
     tiny_config.losses = ConfigDict({"clip": {"weight": 1.0}, "distillation": {"weight": 1.0},
                                      "negclip": {"weight": 0.5}})
     tiny_config.data.negative_kinds = ("swap_attributes",)
@@ -158,6 +172,12 @@ def test_trainer_distils_a_teacher_checkpoint_with_hard_negatives(tiny_config, t
     assert np.isfinite([logged["loss_clip"], logged["loss_distillation"], logged["loss_negclip"]]).all()
     np.testing.assert_allclose(
         logged["loss"], logged["loss_clip"] + logged["loss_distillation"] + 0.5 * logged["loss_negclip"], rtol=1e-5)
+    batch = seen[0]
+    out = models.model_class(tiny_config.model)(**tiny_config.model).apply(
+        {"params": teacher_params}, batch["image"], batch["tokens"])
+    for name in ("zimg", "ztxt", "scale"):
+        np.testing.assert_allclose(batch[f"teacher_{name}"], np.broadcast_to(out[name], batch[f"teacher_{name}"].shape),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
 
     tiny_config.losses = ConfigDict({"clip": {"weight": 1.0}})
     with pytest.raises(ValueError, match="config.teacher is set but config.losses has no distillation term"):

@@ -26,6 +26,7 @@ from jclip.train.optimizer import build_optimizer, learning_rate_schedule, weigh
 from jclip.train.profiling import parse_step_range
 from jclip.train.state import abstract_train_state
 from jclip.train.step import make_gradient_step
+from test_pipeline import csv_file  # noqa: F401 (a fixture: image–caption pairs, 4 of 25 unusable)
 
 
 def test_sharded_gradients_equal_single_device_gradients():
@@ -127,21 +128,31 @@ def test_checkpoint_restores_identical_state(tiny_config, tmp_path):
     assert_trees_equal(restored.opt_state, final.opt_state)
 
 
-def test_run_stopped_by_sigterm_resumes_exactly(tiny_config, tmp_path, monkeypatch):
-    """2N steps straight equal N steps + SIGTERM + restart + N steps: params, optimizer state, data position."""
+def test_run_stopped_by_ctrl_c_resumes_exactly(tiny_config, csv_file, tmp_path, monkeypatch):
+    """2N steps straight equal N steps + Ctrl-C (SIGINT) + restart + N steps: params, optimizer state, data
+    position. The data is read per visit from a CSV whose unusable examples `skipped_examples` counts."""
+    tiny_config.data.sources = ConfigDict({"pairs": dict(kind="csv", path=csv_file, caption_column="title")})
+    tiny_config.data.preprocess = "decode|resize(64)|value_range(-1, 1)"
     uninterrupted = train(tiny_config, str(tmp_path / "a"), evaluate_at_end=False)
     _, uninterrupted_record = restore_params(tiny_config, str(tmp_path / "a"))
+    drawn = uninterrupted_record["data_position"][0]
+    logged = read_metrics(str(tmp_path / "a"))[-1]
+    assert logged["skipped_examples"] == drawn - tiny_config.total_steps * tiny_config.batch_size > 0
+    assert logged["left_out_examples"] == 0
     original, calls = pipeline.TrainInput.__next__, []
 
-    def preempted_at_step_6(self):  # the signal arrives while step 6 runs
+    def interrupted_at_step_6(self):  # Ctrl-C while step 6 runs
         calls.append(1)
         if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
         return original(self)
 
-    monkeypatch.setattr(pipeline.TrainInput, "__next__", preempted_at_step_6)
+    monkeypatch.setattr(pipeline.TrainInput, "__next__", interrupted_at_step_6)
     workdir = str(tmp_path / "b")
-    stopped = train(tiny_config, workdir, evaluate_at_end=False)
+    try:
+        stopped = train(tiny_config, workdir, evaluate_at_end=False)
+    except KeyboardInterrupt:  # a test failure, not the end of the pytest session
+        pytest.fail("Ctrl-C interrupted the run instead of stopping it with a checkpoint")
     assert int(stopped.step) == 6 == tiny_config.total_steps // 2
     monkeypatch.setattr(pipeline.TrainInput, "__next__", original)
     resumed = train(tiny_config, workdir, evaluate_at_end=False)
@@ -252,20 +263,28 @@ def test_schedules_warm_up_then_decay(schedule):
 
 @pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor"])
 def test_optimizers_freeze_groups_and_scale_rates(name):
+    """Frozen groups and multiplier 0 get no update; multiplier 0.5 halves its group's updates, decay included."""
     config = load_config("shapes_tiny")
     config.optimizer.name = name
     config.optimizer.schedule, config.optimizer.warmup_steps = "constant", 0
-    config.optimizer.frozen = ("image_tower",)
-    config.optimizer.lr_multipliers = {"logit_scale": 0.0}
     model = models.create("test-micro")
     batch = random_batch(2)
     params = model.init(jax.random.key(0), batch["image"], batch["tokens"])["params"]
-    optimizer = build_optimizer(config)
     grads = jax.tree.map(jnp.ones_like, params)
-    updates, _ = optimizer.update(grads, optimizer.init(params), params)
-    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates["image_tower"]))
-    assert float(updates["logit_scale"]) == 0
-    assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates["text_tower"]))
+
+    def first_update():
+        optimizer = build_optimizer(config)
+        return jax.device_get(optimizer.update(grads, optimizer.init(params), params)[0])
+
+    plain = first_update()
+    config.optimizer.frozen = ("image_tower",)
+    config.optimizer.lr_multipliers = {"logit_scale": 0.0, "text_tower": 0.5}
+    updates = first_update()
+    assert all(np.abs(u).max() == 0 for u in jax.tree.leaves(updates["image_tower"]))
+    assert updates["logit_scale"] == 0 != plain["logit_scale"]
+    assert all(np.abs(u).max() > 0 for u in jax.tree.leaves(plain["text_tower"]))
+    jax.tree.map(lambda half, full: np.testing.assert_allclose(half, full / 2, rtol=1e-5), updates["text_tower"],
+                 plain["text_tower"])
     config.optimizer.frozen = ("vision_tower",)
     with pytest.raises(ValueError, match=r"unknown parameter groups \['vision_tower'\]"):
         build_optimizer(config).init(params)

@@ -10,13 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer
 from jclip.data import pipeline
+from jclip.data.sources import csv_source
+from jclip.data.to_tfds import convert
+from jclip.data.tokenizers import load_tokenizer
+from jclip.evaluate.from_checkpoint import load_checkpoint_model, make_evaluator
 from jclip.train.loop import train, train_state_specs
 from jclip.train.optimizer import build_optimizer
 from jclip.train.state import abstract_train_state
+from test_pipeline import CORRUPT, EMPTY_CAPTION, csv_file  # noqa: F401 (csv_file: a fixture)
 from test_train import assert_trees_equal, cli, read_metrics, saved_config
 
 
@@ -73,8 +79,19 @@ def test_a_nonfinite_update_is_skipped_when_configured(tiny_config, tmp_path, mo
     assert int(state.opt_state.total_notfinite) == 1
 
 
-def test_time_based_and_kept_checkpoints_and_logged_metrics(tiny_config, tmp_path):
-    """Also the whole loop with FSDP and an EMA, evaluated at the end (with the EMA parameters)."""
+def test_time_based_and_kept_checkpoints_and_logged_metrics(tiny_config, csv_file, tmp_path, monkeypatch):
+    """Also the whole loop with FSDP and an EMA, on data decoded into memory with examples left out (counted in
+    the metrics). The evaluation at the end, and `jclip.evaluate`'s of the checkpoint, use the EMA parameters."""
+    directory = convert(csv_source(csv_file, caption_column="title"), "pairs", str(tmp_path))
+    tiny_config.data.sources = ConfigDict({"pairs": dict(kind="tfds", name=directory, caption_key="captions")})
+    tiny_config.data.preprocess = "decode|resize(64)|value_range(-1, 1)"
+    evaluated = []
+
+    def recorded_evaluator(config, model, params, *args):
+        evaluated.append(jax.device_get(params))
+        return make_evaluator(config, model, params, *args)
+
+    monkeypatch.setattr("jclip.train.loop.make_evaluator", recorded_evaluator)
     tiny_config.parameter_sharding = "fsdp"
     tiny_config.ema_decay = 0.9
     tiny_config.checkpoint_every = 1000  # never by steps:
@@ -86,6 +103,13 @@ def test_time_based_and_kept_checkpoints_and_logged_metrics(tiny_config, tmp_pat
     workdir = str(tmp_path / "run")
     state = train(tiny_config, workdir)
     assert not state.params["image_tower"]["encoder"]["block_0"]["mlp"]["fc"]["kernel"].sharding.is_fully_replicated
+    ema, params = jax.device_get((state.ema_params, state.params))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(params)))
+    assert len(evaluated) == 1
+    assert_trees_equal(evaluated[0], ema)
+    _, restored, _ = load_checkpoint_model(tiny_config, workdir, None, parallel.make_mesh(),
+                                           load_tokenizer(tiny_config.data.tokenizer, tiny_config.data.data_dir))
+    assert_trees_equal(restored, ema)  # what `python -m jclip.evaluate` evaluates
     with open(os.path.join(workdir, "results.json")) as f:
         assert json.load(f)["step"] == tiny_config.total_steps
     kept = sorted(int(os.path.basename(d)) for d in glob.glob(os.path.join(workdir, "checkpoints", "*")))
@@ -95,6 +119,8 @@ def test_time_based_and_kept_checkpoints_and_logged_metrics(tiny_config, tmp_pat
                  "mfu", "alignment", "uniformity_image", "uniformity_text", "modality_gap", "accuracy_img2txt"):
         assert np.isfinite(metrics[name]), name
     np.testing.assert_allclose(metrics["mfu"], metrics["model_tflops_per_device"], rtol=1e-6)  # peak: 1 TFLOP/s
+    counts = {(m["skipped_examples"], m["left_out_examples"]) for m in read_metrics(workdir) if "loss" in m}
+    assert counts == {(0, len(CORRUPT | EMPTY_CAPTION) + 1)}  # left out: 2 corrupt, a blank caption, a missing file
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
 
 

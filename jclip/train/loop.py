@@ -30,19 +30,35 @@ from jclip.train.throughput import ThroughputMeter, peak_flops_per_device
 
 
 class StopRequested:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (preemption)."""
+    """SIGTERM / SIGINT (preemption, Ctrl-C) as a stop that every process takes at the same step.
+
+    One process: the signal handlers set a flag that the loop checks between steps. Several
+    processes (`jax.distributed`): a signal reaches them at different moments, so JAX's preemption
+    service catches SIGTERM on any of them and agrees on the step at which all stop
+    (`multihost_utils.reached_preemption_sync_point`, no per-step collective); Ctrl-C is handed to
+    it as a SIGTERM. A signal that comes while the stop checkpoint is written is only noted.
+    """
 
     def __init__(self):
+        self.several_processes = jax.process_count() > 1
         self.requested = False
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if self.several_processes else (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+        if self.several_processes:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service
+
+    def reached(self, step: int) -> bool:
+        """Whether to stop before `step`, the same answer on every process (ask at every step)."""
+        if self.several_processes:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -163,8 +179,8 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True) -> 
             total=config.total_steps, initial=start_step, desc="train", unit="step",
             disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0,
         ) as bar:
-            step = start_step
-            while step < config.total_steps and not stop.requested:
+            step, stopping = start_step, False
+            while step < config.total_steps and not (stopping := stop.reached(step)):
                 batch = next(batches)
                 if teacher is not None:
                     batch.update(teacher(batch))
@@ -193,16 +209,18 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True) -> 
                         results.update(flatten(result.metrics, f"eval/{name}"))
                     writer.write(step, {"seconds": time.perf_counter() - run_start, **results})
                 bar.update(1)
-        if checkpointer.latest_step() != step:
-            if step > start_step:
-                check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step)
-            checkpointer.save(step, state, record, force=True)
+            # The last save, still under the handlers: a signal that comes now only sets the flag.
+            if checkpointer.latest_step() != step:
+                if step > start_step:
+                    check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step)
+                checkpointer.save(step, state, record, force=True)
+            checkpointer.wait()
     finally:
         profiler.stop()
         checkpointer.wait()
         checkpointer.close()
         writer.close()
-    if stop.requested:
+    if stopping:
         print(f"Stopped at step {step} on request; checkpoint saved. Re-run the same command to resume.")
     elif evaluate_at_end and step == config.total_steps:
         evaluator = make_evaluator(config, model, evaluation_params(state), tokenizer, mesh)

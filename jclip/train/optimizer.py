@@ -60,9 +60,10 @@ def _base_optimizer(opt: ConfigDict, learning_rate) -> optax.GradientTransformat
     if name == "lamb":
         return optax.lamb(learning_rate, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                           mask=weight_decay_mask)
-    if name == "adafactor":
-        return optax.chain(optax.adafactor(learning_rate, decay_rate=opt.b2, eps=opt.eps),
-                           optax.add_decayed_weights(-opt.weight_decay, weight_decay_mask))
+    if name == "adafactor":  # weight decay scaled by the learning rate, as in AdamW and LAMB
+        return optax.chain(optax.adafactor(None, decay_rate=opt.b2, eps=opt.eps, weight_decay_rate=opt.weight_decay,
+                                           weight_decay_mask=weight_decay_mask),
+                           optax.scale_by_learning_rate(learning_rate, flip_sign=False))
     raise ValueError(f"unknown optimizer {name!r}; use 'adamw', 'lamb' or 'adafactor'")
 
 
