@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 from jclip import models, parallel  # noqa: E402
 from jclip.cli import load_config_file  # noqa: E402
 from jclip.train.optimizer import build_optimizer  # noqa: E402
-from jclip.train.state import abstract_train_state, parameter_specs, state_specs  # noqa: E402
+from jclip.train.state import state_layout  # noqa: E402
 from jclip.train.step import make_train_step  # noqa: E402
 
 MIB = 2**20
@@ -45,14 +45,12 @@ def step_memory(parameter_sharding: str, remat: bool) -> dict[str, float]:
     image_shape = (size, size, 3)
     optimizer = build_optimizer(demo_config())
     mesh = parallel.make_mesh()
-    specs = state_specs(model, optimizer, parameter_specs(model, parameter_sharding, mesh, image_shape, length),
-                        image_shape, length, ema=False)
-    state = abstract_train_state(model, optimizer, image_shape, length, mesh, specs)
+    layout = state_layout(model, optimizer, image_shape, length, mesh, parameter_sharding)
     batch_size = args.per_device_batch * args.devices
     sharding = parallel.batch_sharding(mesh)
     batch = {"image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32, sharding=sharding),
              "tokens": jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)}
-    analysis = make_train_step(model, optimizer, mesh, specs).lower(state, batch).compile().memory_analysis()
+    analysis = make_train_step(layout).lower(layout.abstract, batch).compile().memory_analysis()
     return {"state": analysis.argument_size_in_bytes / MIB, "temporaries": analysis.temp_size_in_bytes / MIB}
 
 

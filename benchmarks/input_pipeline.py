@@ -70,7 +70,7 @@ def train_step_images_per_second(model_name: str, batch: int, steps: int) -> flo
 
     from jclip import models
     from jclip.train.optimizer import build_optimizer
-    from jclip.train.state import create_train_state
+    from jclip.train.state import create_train_state, state_layout
     from jclip.train.step import make_train_step
 
     model_kwargs = models.model_config(model_name)
@@ -82,12 +82,13 @@ def train_step_images_per_second(model_name: str, batch: int, steps: int) -> flo
     mesh = parallel.make_mesh()
     size = model_kwargs["vision"].get("image_size", 224)
     length = model_kwargs["text"]["context_length"]
-    state = create_train_state(model, optimizer, jax.random.key(0), (size, size, 3), length, mesh)
+    layout = state_layout(model, optimizer, (size, size, 3), length, mesh)
+    state = create_train_state(layout, jax.random.key(0))
     rng = np.random.default_rng(0)
     batch_arrays = parallel.global_batch({
         "image": rng.standard_normal((batch, size, size, 3)).astype(np.float32),
         "tokens": rng.integers(1, 1000, (batch, length)).astype(np.int32)}, mesh)
-    return batch / seconds_per_step(make_train_step(model, optimizer, mesh), state, batch_arrays, steps)
+    return batch / seconds_per_step(make_train_step(layout), state, batch_arrays, steps)
 
 
 def main():

@@ -40,7 +40,7 @@ from jclip.cli import load_config_file  # noqa: E402
 from jclip.data import pipeline  # noqa: E402
 from jclip.data.sources import build_source  # noqa: E402
 from jclip.data.tokenizers import load_tokenizer  # noqa: E402
-from jclip.train.loop import train, train_state_specs  # noqa: E402
+from jclip.train.loop import train, train_state_layout  # noqa: E402
 from jclip.train.optimizer import build_optimizer  # noqa: E402
 from jclip.train.state import create_train_state  # noqa: E402
 from jclip.train.step import make_train_step  # noqa: E402
@@ -67,11 +67,9 @@ def step_timer(config, resident_batches: int):
     resident = [next(batches) for _ in range(resident_batches)]
     model = models.model_class(config.model)(**config.model)
     optimizer = build_optimizer(config)
-    specs = train_state_specs(config, model, optimizer, mesh)
-    image_shape = (config.data.image_size, config.data.image_size, 3)
-    state = create_train_state(model, optimizer, jax.random.key(0), image_shape, config.data.text_length, mesh, specs)
-    step = make_train_step(model, optimizer, mesh, specs, config.losses.to_dict(), config.micro_batches,
-                           config.ema_decay, config.seed)
+    layout = train_state_layout(config, model, optimizer, mesh)
+    state = create_train_state(layout, jax.random.key(0))
+    step = make_train_step(layout, config.losses.to_dict(), config.micro_batches, config.ema_decay, config.seed)
 
     def time_steps(steps: int, fed: bool) -> float:
         nonlocal state

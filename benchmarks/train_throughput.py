@@ -87,7 +87,7 @@ def jclip_worker(args) -> dict:
 
     from jclip import models, parallel
     from jclip.models.summary import training_flops_per_pair
-    from jclip.train.state import create_train_state, replicated_state_specs
+    from jclip.train.state import create_train_state, state_layout
     from jclip.train.step import make_train_step
 
     overrides = {k: v for k, v in options.items() if k != "host_malloc"}  # the rest are model options
@@ -102,9 +102,9 @@ def jclip_worker(args) -> dict:
     parallel.check_batch_size(batch_size, mesh, "--batch")
     optimizer = optax.adamw(1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
                             mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
-    specs = replicated_state_specs(model, optimizer, image_shape, length)
-    state = create_train_state(model, optimizer, jax.random.key(0), image_shape, length, mesh, specs)
-    train_step = make_train_step(model, optimizer, mesh, specs)
+    layout = state_layout(model, optimizer, image_shape, length, mesh)
+    state = create_train_state(layout, jax.random.key(0))
+    train_step = make_train_step(layout)
     rng = np.random.default_rng(0)
     batch = parallel.global_batch({
         "image": rng.standard_normal((batch_size, *image_shape), dtype=np.float32),

@@ -1,10 +1,15 @@
-"""Checkpoints of a training run: orbax CheckpointManager with atomic, async saves.
+"""Checkpoints: saving, locating and restoring training runs and parameters-only checkpoints.
 
-A checkpoint holds the train state (params, optimizer state, step) and a small
-JSON record: the model configuration (to refuse resuming another model) and
-the input pipeline's position (for an exact resume). Orbax writes each step
-into a temporary directory and renames it when complete, so a crash or kill
-never leaves a half-written checkpoint where a resume would find it.
+A run's checkpoint holds the train state (params, optimizer state, step) and a small JSON record:
+the model configuration (to refuse resuming another model) and the input pipeline's position (for
+an exact resume). A parameters-only checkpoint (converted weights, `save_parameters_only`) holds
+`{"params": ...}` and a record marked `parameters_only`; a trainer starts from it with a fresh
+optimizer, and evaluation reads it like any other. Orbax writes each step into a temporary
+directory and renames it when complete, so a crash or kill never leaves a half-written checkpoint
+where a resume would find it.
+
+Loading a model's parameters from any checkpoint (`load_model`) lives here, so that evaluation, a
+distillation teacher and the trainer share it.
 """
 
 import os
@@ -12,19 +17,14 @@ import time
 from typing import Any, Callable, Optional
 
 import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+from jclip import models
+from jclip.parameter_layout import abstract_params
 
 
 class ModelMismatchError(ValueError):
     """The workdir holds a checkpoint of a different model."""
-
-
-def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        out = []
-        for key in sorted(set(saved) | set(current)):
-            out += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
-        return out
-    return [] if saved == current else [f"{prefix.rstrip('.')}: checkpoint has {saved!r}, config has {current!r}"]
 
 
 class Checkpointer:
@@ -84,30 +84,36 @@ class Checkpointer:
             force=True,  # the decision is ours (due / force); orbax's policies would add a save at the first step
         )
 
+    def check_model(self, record: dict) -> None:
+        """Refuse a checkpoint (its `record`) of a model other than this checkpointer's, naming the differences."""
+        differences = models.config_differences(record.get("model"), self.model)
+        if differences:
+            raise ModelMismatchError(
+                f"{self.directory} holds a checkpoint (step {record.get('step')}) of a different model: "
+                + "; ".join(f"{path}: checkpoint has {saved!r}, config has {current!r}"
+                            for path, saved, current in differences[:5])
+                + ". Use a new --workdir, or the config the checkpoint was trained with."
+            )
+
     def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
         """The state and record saved at `step` (default: latest), laid out like `abstract_state`."""
         step = self._step_or_latest(step)
         record = self.read_record(step)
-        differences = _differences(record.get("model"), self.model)
-        if differences:
-            raise ModelMismatchError(
-                f"{self.directory} holds a checkpoint (step {step}) of a different model: "
-                + "; ".join(differences[:5])
-                + ". Use a new --workdir, or the config the checkpoint was trained with."
-            )
+        self.check_model(record)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
         return restored["state"], record
 
-    def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> tuple[Any, dict]:
-        """Only the parameters to evaluate, from a checkpoint of any recipe (optimizer, EMA or not),
-        laid out like `abstract_params`: the EMA of the parameters when the checkpoint has one, else the
-        parameters. Returns them and the checkpoint's record; the model is not checked (see `read_record`)."""
+    def restore_params(self, target: Any, step: Optional[int] = None) -> tuple[Any, dict]:
+        """Only the parameters to evaluate, from a checkpoint of any recipe (optimizer, EMA or not, or
+        parameters only), laid out like `target` (abstract parameters): the EMA of the parameters when the
+        checkpoint has one, else the parameters. Returns them and the checkpoint's record; the model is
+        not checked (see `check_model`)."""
         step = self._step_or_latest(step)
         record = self.read_record(step)
         key = "ema_params" if record.get("has_ema_params") else "params"
-        target = {key: abstract_params}
+        target = {key: target}
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                          partial_restore=True)))
@@ -124,3 +130,78 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def save_parameters_only(params: Any, model_config: dict, output: str, record: dict) -> str:
+    """Save `params` of the model `model_config` as a parameters-only checkpoint at step 0 of the run
+    directory `output` (which must hold none yet), with `record`; returns the checkpoint's directory."""
+    checkpointer = Checkpointer(output, model_config, save_every=1, keep=1)
+    try:
+        if checkpointer.latest_step() is not None:
+            raise FileExistsError(f"{checkpointer.directory} already holds checkpoints; choose a new --output")
+        checkpointer.save(0, {"params": params}, lambda: {**record, "parameters_only": True}, force=True)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    return os.path.join(checkpointer.directory, "0")
+
+
+def read_params(run_directory: str, target: Any, step: Optional[int] = None) -> tuple[Any, dict]:
+    """`Checkpointer.restore_params` of a run's checkpoint, through a checkpointer of its own (orbax binds an
+    item to the kind of its first save or restore, so a trainer's own checkpointer keeps to whole states)."""
+    checkpointer = Checkpointer(run_directory, {}, save_every=1)
+    try:
+        return checkpointer.restore_params(target, step)
+    finally:
+        checkpointer.close()
+
+
+def locate(workdir: Optional[str], checkpoint: Optional[str], step: Optional[int]) -> tuple[str, Optional[int]]:
+    """(run directory, step) of a checkpoint given as a run directory (`workdir`, its latest or `step`) or
+    as a path (`checkpoint`: `RUN/checkpoints/STEP`, or a run directory)."""
+    if checkpoint is None:
+        if workdir is None:
+            raise ValueError("give --workdir (its latest checkpoint) or --checkpoint PATH")
+        return workdir, step
+    checkpoint = os.path.abspath(checkpoint)
+    if os.path.isdir(os.path.join(checkpoint, "checkpoints")):  # a run directory: its latest (or --step)
+        return checkpoint, step
+    parent = os.path.dirname(checkpoint)
+    if not (os.path.isdir(checkpoint) and os.path.basename(parent) == "checkpoints"
+            and os.path.basename(checkpoint).isdigit()):
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}: give a RUN/checkpoints/STEP directory "
+                                "(as jclip.train and jclip.convert write) or a run directory")
+    return os.path.dirname(parent), int(os.path.basename(checkpoint))
+
+
+def load_model(config: ConfigDict, run_directory: str, step: Optional[int], mesh, tokenizer, *,
+               verbose: bool = True) -> tuple[Any, Any, dict]:
+    """(model, params, record) of a run's checkpoint (default: latest): the model the checkpoint records,
+    its EMA parameters when it has them, laid out for `config.parameter_sharding` over `mesh`.
+
+    The config supplies the data shapes (image size, text length), which the parameters must fit, and
+    the tokenizer must not have more tokens than the model.
+    """
+    if not os.path.isdir(os.path.join(run_directory, "checkpoints")):
+        raise FileNotFoundError(f"no checkpoints in {run_directory}")
+    checkpointer = Checkpointer(run_directory, {}, save_every=1)
+    try:
+        record = checkpointer.read_record(step)
+    finally:
+        checkpointer.close()
+    model_config = ConfigDict(record["model"])
+    if verbose and model_config.to_dict() != config.model.to_dict():
+        print(f"Using the checkpoint's own model ({record['model']}), not config.model.")
+    model = models.model_class(model_config)(**model_config)
+    if tokenizer.vocab_size > model_config.text.vocab_size:
+        raise ValueError(f"the tokenizer {config.data.tokenizer!r} has {tokenizer.vocab_size} tokens, more than "
+                         f"the checkpoint's model ({model_config.text.vocab_size}); set config.data.tokenizer to "
+                         "its own")
+    image_shape = (config.data.image_size, config.data.image_size, 3)
+    target = abstract_params(model, config.parameter_sharding, mesh, image_shape, config.data.text_length)
+    try:
+        params, record = read_params(run_directory, target, step)
+    except ValueError as error:
+        raise ValueError(f"the checkpoint's parameters do not fit config.data.image_size={config.data.image_size}"
+                         f" and text_length={config.data.text_length} ({str(error).splitlines()[0]})") from None
+    return model, params, record

@@ -2,14 +2,16 @@
 
 `--config configs/NAME.py` selects an ml_collections config file and
 `--config.KEY=VALUE` overrides any of its fields, the convention of the JAX
-ecosystem. Bad flags stop with one line saying what is wrong.
+ecosystem. `--config.model_name=NAME` picks the model: `config.model` becomes
+NAME's configuration, with the command line's `--config.model.*` overrides on
+top. Bad flags stop with one line saying what is wrong.
 """
 
 import importlib.util
 import os
 import pathlib
 import sys
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported: no C++ INFO lines
 
@@ -57,6 +59,35 @@ def require(name: str) -> None:
         sys.exit(f"error: --{name} is required")
 
 
+def model_from_command_line(config: ConfigDict, overrides: Mapping[str, Any], config_file: str) -> None:
+    """With `model_name` among the command line's `overrides`, make `config.model` that model's configuration
+    with the `model.*` overrides on top. A config file that customises its own model (fields of `config.model`
+    other than its `model_name`'s) contradicts another name: that stops, naming the fields."""
+    if "model_name" not in overrides:
+        return
+    from jclip import models
+
+    written = load_config_file(config_file)
+    customised = [path for path, *_ in models.config_differences(written.model.to_dict(),
+                                                                  models.model_config(written.model_name))]
+    if customised:
+        raise ValueError(
+            f"{config_file} sets config.model_name={written.model_name!r} but customises config.model "
+            f"({', '.join(customised)}); --config.model_name={config.model_name} would drop that: give those fields as "
+            "--config.model.FIELD=VALUE, or pick the model in the file"
+        )
+    nested = {}
+    for path, value in overrides.items():
+        if path.startswith("model."):
+            *parents, leaf = path.split(".")[1:]
+            target = nested
+            for key in parents:
+                target = target.setdefault(key, {})
+            target[leaf] = value
+    with config.unlocked():
+        config.model = ConfigDict(models.model_config(config.model_name, **nested))
+
+
 def run_command(action: Callable[[ConfigDict, str], object], workdir_required: bool = True) -> None:
     """Run `action(config, workdir)` as a command: flags parsed, `--multihost` joined, bad input in one line."""
 
@@ -67,6 +98,8 @@ def run_command(action: Callable[[ConfigDict, str], object], workdir_required: b
             require("workdir")
         join_multihost_job()
         try:
+            model_from_command_line(FLAGS.config, config_flags.get_override_values(FLAGS["config"]),
+                                    config_flags.get_config_filename(FLAGS["config"]))
             action(FLAGS.config, FLAGS.workdir)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"error: {error}")

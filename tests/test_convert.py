@@ -150,11 +150,14 @@ def test_pytorch_weight_files_convert_to_the_same_parameters(kind, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
-def test_converted_checkpoint_is_what_the_evaluator_restores(tiny_config, tmp_path):
-    """The evaluator runs on a converted checkpoint, with the model it records and exactly its parameters."""
+def test_converted_checkpoint_is_what_the_evaluator_restores_and_the_trainer_starts_from(tiny_config, tmp_path):
+    """A converted checkpoint holds only parameters: the evaluator runs on it with the model it records and exactly
+    its parameters, and a training run in its directory starts from them with a fresh optimizer."""
     from jclip import parallel
+    from jclip.checkpoint import Checkpointer, load_model
     from jclip.data.tokenizers import load_tokenizer
-    from jclip.evaluate.from_checkpoint import evaluate_checkpoint, load_checkpoint_model
+    from jclip.evaluate.from_checkpoint import evaluate_checkpoint
+    from jclip.train.loop import train
 
     model = models.create("test-micro")
     params = model.init(jax.random.key(3), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 16), jnp.int32))["params"]
@@ -167,15 +170,22 @@ def test_converted_checkpoint_is_what_the_evaluator_restores(tiny_config, tmp_pa
     assert set(results["tasks"]["shapes"]["zero_shot"]) == {"shape", "colour"}
     assert os.path.exists(tmp_path / "report" / "results.json")
     tokenizer = load_tokenizer(tiny_config.data.tokenizer, tiny_config.data.data_dir)
-    _, restored, _ = load_checkpoint_model(tiny_config, workdir, 0, parallel.make_mesh(), tokenizer, verbose=False)
+    _, restored, record = load_model(tiny_config, workdir, 0, parallel.make_mesh(), tokenizer, verbose=False)
+    assert record["parameters_only"] and record["converted_from"] == "weights.pt"
     assert jax.tree.structure(restored) == jax.tree.structure(params)
     jax.tree.map(np.testing.assert_array_equal, restored, params)
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         save_converted(params, "test-micro", workdir)
+
+    # Training in the converted directory starts from its parameters: at learning rate 0 they stay as they are.
     tiny_config.model = models.model_config("test-micro")
-    tiny_config.model.embed_dim = 8
-    with pytest.raises(ValueError, match="config.model is not model 'test-micro'"):
-        save_converted(params, "test-micro", str(tmp_path / "other"), tiny_config)
+    tiny_config.total_steps, tiny_config.optimizer.learning_rate, tiny_config.optimizer.end_learning_rate = 1, 0.0, 0.0
+    state = train(tiny_config, workdir, evaluate_at_end=False)
+    assert int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params)
+    checkpointer = Checkpointer(workdir, tiny_config.model.to_dict(), save_every=1)
+    assert checkpointer.latest_step() == 1 and not checkpointer.read_record(1).get("parameters_only")
+    checkpointer.close()
 
 
 def test_command_line_errors_are_one_line(tmp_path):

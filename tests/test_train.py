@@ -24,7 +24,7 @@ from jclip.host_memory import reuse_freed_memory
 from jclip.train.loop import train
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule, weight_decay_mask
 from jclip.train.profiling import parse_step_range
-from jclip.train.state import abstract_train_state
+from jclip.train.state import state_layout
 from jclip.train.step import make_gradient_step
 from test_pipeline import csv_file  # noqa: F401 (a fixture: image–caption pairs, 4 of 25 unusable)
 
@@ -109,8 +109,8 @@ def test_short_run_lowers_loss_and_evaluates(tiny_config, tmp_path):
 def restore_params(config, workdir):
     mesh = parallel.make_mesh()
     model = models.CLIP(**config.model)
-    abstract = abstract_train_state(model, build_optimizer(config), (64, 64, 3), config.data.text_length, mesh)
-    state, record = Checkpointer(workdir, config.model.to_dict(), save_every=1).restore(abstract)
+    layout = state_layout(model, build_optimizer(config), (64, 64, 3), config.data.text_length, mesh)
+    state, record = Checkpointer(workdir, config.model.to_dict(), save_every=1).restore(layout.abstract)
     return state, record
 
 
@@ -207,14 +207,25 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
     assert 'Did you mean "batch_size"' in output and "Traceback" not in output, output
 
 
+def test_a_config_file_that_customises_its_model_refuses_another_model_name(tmp_path):
+    """`--config.model_name` replaces config.model; a file's own changes to its model would be lost, so that stops."""
+    config_file = tmp_path / "wider.py"
+    config_file.write_text(f"import runpy\n\ndef get_config():\n"
+                           f"    config = runpy.run_path({str(REPO / 'configs' / 'shapes_tiny.py')!r})['get_config']()\n"
+                           f"    config.model.embed_dim = 256\n    return config\n")
+    process = subprocess.run([sys.executable, "-m", "jclip.train", "--config", str(config_file), "--workdir",
+                              str(tmp_path / "run"), "--config.model_name=test-micro"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert process.returncode != 0 and "Traceback" not in process.stderr, process.stderr
+    assert "customises config.model (embed_dim)" in process.stderr and "--config.model.FIELD=VALUE" in process.stderr
+
+
 def test_sigterm_saves_and_rerun_resumes(tiny_config, tmp_path, capsys):
     workdir = str(tmp_path / "run")
     args = ["--workdir", workdir, "--config.data.sources.shapes.config=tiny", "--config.data.tokenizer=shapes/tiny",
             "--config.evaluate.shapes_config=tiny",
             f"--config.data.data_dir={tiny_config.data.data_dir}", "--config.model_name=test-micro",
-            "--config.model.vision.depth=1", "--config.model.text.depth=1", "--config.model.vision.width=32",
-            "--config.model.text.width=32", "--config.model.vision.stem=patch", "--config.model.vision.num_heads=2",
-            "--config.model.text.num_heads=2", "--config.model.embed_dim=16", "--config.batch_size=32",
+            "--config.model.text.depth=2", "--config.batch_size=32",
             "--config.total_steps=100000", "--config.checkpoint_every=100000", "--config.log_every=1"]
     process = cli(*args)
     metrics = os.path.join(workdir, "metrics.jsonl")
@@ -229,6 +240,8 @@ def test_sigterm_saves_and_rerun_resumes(tiny_config, tmp_path, capsys):
     saved = int(output.split("Stopped at step ")[1].split()[0])
     assert saved >= 3
     config = saved_config(workdir)  # the command's own config; re-run it in this process
+    # --config.model_name picked the model, and the --config.model.* override applies on top of it
+    assert config.model.to_dict() == models.model_config("test-micro", text={"depth": 2})
     config.total_steps = saved + 2
     assert int(train(config, workdir, evaluate_at_end=False).step) == saved + 2
     assert f"at step {saved}" in capsys.readouterr().out
@@ -239,12 +252,11 @@ def test_train_step_clamps_scale_at_max():
     from jclip.train.state import create_train_state
     from jclip.train.step import make_train_step
 
-    model = models.create("test-micro")
-    mesh = parallel.make_mesh(2)
-    optimizer = build_optimizer(load_config("shapes_tiny"))
-    state = create_train_state(model, optimizer, jax.random.key(0), (32, 32, 3), 16, mesh)
+    layout = state_layout(models.create("test-micro"), build_optimizer(load_config("shapes_tiny")), (32, 32, 3), 16,
+                          parallel.make_mesh(2))
+    state = create_train_state(layout, jax.random.key(0))
     state = state.replace(params={**state.params, "logit_scale": jnp.log(jnp.float32(150.0))})
-    state, metrics = make_train_step(model, optimizer, mesh)(state, parallel.global_batch(random_batch(8), mesh))
+    state, metrics = make_train_step(layout)(state, parallel.global_batch(random_batch(8), layout.mesh))
     assert float(metrics["scale"]) == pytest.approx(150.0)
     assert float(jnp.exp(state.params["logit_scale"])) == pytest.approx(100.0)
 

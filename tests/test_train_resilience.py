@@ -13,15 +13,14 @@ import pytest
 from ml_collections import ConfigDict
 
 from jclip import models, parallel
-from jclip.checkpoint import Checkpointer
+from jclip.checkpoint import Checkpointer, load_model
 from jclip.data import pipeline
 from jclip.data.sources import csv_source
 from jclip.data.to_tfds import convert
 from jclip.data.tokenizers import load_tokenizer
-from jclip.evaluate.from_checkpoint import load_checkpoint_model, make_evaluator
-from jclip.train.loop import train, train_state_specs
+from jclip.evaluate.from_checkpoint import make_evaluator
+from jclip.train.loop import train, train_state_layout
 from jclip.train.optimizer import build_optimizer
-from jclip.train.state import abstract_train_state
 from test_pipeline import CORRUPT, EMPTY_CAPTION, csv_file  # noqa: F401 (csv_file: a fixture)
 from test_train import assert_trees_equal, cli, read_metrics, saved_config
 
@@ -45,12 +44,9 @@ def restore_run(workdir, step=None):
     mesh = parallel.make_mesh()
     model = models.model_class(config.model)(**config.model)
     optimizer = build_optimizer(config)
-    size = config.data.image_size
-    abstract = abstract_train_state(model, optimizer, (size, size, 3), config.data.text_length, mesh,
-                                    train_state_specs(config, model, optimizer, mesh))
     checkpointer = Checkpointer(workdir, config.model.to_dict(), save_every=1)
     try:
-        return checkpointer.restore(abstract, step)
+        return checkpointer.restore(train_state_layout(config, model, optimizer, mesh).abstract, step)
     finally:
         checkpointer.close()
 
@@ -107,8 +103,8 @@ def test_time_based_and_kept_checkpoints_and_logged_metrics(tiny_config, csv_fil
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(params)))
     assert len(evaluated) == 1
     assert_trees_equal(evaluated[0], ema)
-    _, restored, _ = load_checkpoint_model(tiny_config, workdir, None, parallel.make_mesh(),
-                                           load_tokenizer(tiny_config.data.tokenizer, tiny_config.data.data_dir))
+    _, restored, _ = load_model(tiny_config, workdir, None, parallel.make_mesh(),
+                                load_tokenizer(tiny_config.data.tokenizer, tiny_config.data.data_dir))
     assert_trees_equal(restored, ema)  # what `python -m jclip.evaluate` evaluates
     with open(os.path.join(workdir, "results.json")) as f:
         assert json.load(f)["step"] == tiny_config.total_steps

@@ -10,7 +10,8 @@ from conftest import load_config
 from jclip import losses, models, parallel
 from jclip.train.objective import make_objective
 from jclip.train.optimizer import build_optimizer
-from jclip.train.state import create_train_state, named, parameter_specs, state_specs
+from jclip.parameter_layout import named, parameter_specs
+from jclip.train.state import create_train_state, state_layout
 from jclip.train.step import make_gradient_step, make_train_step
 
 IMAGE_SHAPE, LENGTH = (32, 32, 3), 16
@@ -59,10 +60,9 @@ def test_fsdp_training_equals_data_parallel_training(optimizer_name):
     mesh = parallel.make_mesh(8)
     results = {}
     for sharding in ("replicated", "fsdp"):
-        specs = state_specs(model, optimizer, parameter_specs(model, sharding, mesh, IMAGE_SHAPE, LENGTH),
-                            IMAGE_SHAPE, LENGTH, ema=False)
-        state = create_train_state(model, optimizer, jax.random.key(0), IMAGE_SHAPE, LENGTH, mesh, specs)
-        step = make_train_step(model, optimizer, mesh, specs)
+        layout = state_layout(model, optimizer, IMAGE_SHAPE, LENGTH, mesh, sharding)
+        state = create_train_state(layout, jax.random.key(0))
+        step = make_train_step(layout)
         for seed in range(3):
             state, metrics = step(state, parallel.global_batch(random_batch(16, seed=seed), mesh))
         results[sharding] = (jax.device_get(state.params), float(metrics["grad_norm"]))
@@ -112,12 +112,11 @@ def test_ema_follows_the_parameters():
     model = models.create("test-micro")
     optimizer = build_optimizer(config)
     mesh = parallel.make_mesh(2)
-    specs = state_specs(model, optimizer, parameter_specs(model, "replicated", mesh, IMAGE_SHAPE, LENGTH),
-                        IMAGE_SHAPE, LENGTH, ema=True)
-    state = create_train_state(model, optimizer, jax.random.key(0), IMAGE_SHAPE, LENGTH, mesh, specs)
+    layout = state_layout(model, optimizer, IMAGE_SHAPE, LENGTH, mesh, ema=True)
+    state = create_train_state(layout, jax.random.key(0))
     initial = jax.device_get(state.params)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.ema_params), initial)
-    step = make_train_step(model, optimizer, mesh, specs, ema_decay=0.9)
+    step = make_train_step(layout, ema_decay=0.9)
     expected = initial
     for seed in range(3):
         state, _ = step(state, parallel.global_batch(random_batch(8, seed=seed), mesh))
@@ -142,8 +141,9 @@ def test_patch_dropout_changes_gradients_and_trains_in_bfloat16():
     assert not np.allclose(*position_grads)
     model = models.create("test-micro", dtype="bfloat16", vision=vision)
     optimizer = build_optimizer(load_config("shapes_tiny"))
-    state = create_train_state(model, optimizer, jax.random.key(0), IMAGE_SHAPE, LENGTH, mesh)
-    step = make_train_step(model, optimizer, mesh)
+    layout = state_layout(model, optimizer, IMAGE_SHAPE, LENGTH, mesh)
+    state = create_train_state(layout, jax.random.key(0))
+    step = make_train_step(layout)
     losses_seen = []
     for _ in range(2):  # the same batch twice: a new dropout mask makes another loss
         state, metrics = step(state, parallel.global_batch(batch, mesh))

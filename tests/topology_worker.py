@@ -31,7 +31,7 @@ from conftest import load_config  # noqa: E402
 from jclip import models, parallel  # noqa: E402
 from jclip.checkpoint import Checkpointer  # noqa: E402
 from jclip.train.optimizer import build_optimizer  # noqa: E402
-from jclip.train.state import abstract_train_state, create_train_state, parameter_specs, state_specs  # noqa: E402
+from jclip.train.state import create_train_state, state_layout  # noqa: E402
 from jclip.train.step import make_train_step  # noqa: E402
 
 IMAGE_SHAPE, LENGTH, BATCH = (32, 32, 3), 16, 16
@@ -41,14 +41,13 @@ model = models.create("test-micro")
 optimizer = build_optimizer(config)
 mesh = parallel.make_mesh()
 assert mesh.devices.size == int(num_processes) * int(devices), mesh
-specs = state_specs(model, optimizer, parameter_specs(model, sharding, mesh, IMAGE_SHAPE, LENGTH),
-                    IMAGE_SHAPE, LENGTH, ema=False)
+layout = state_layout(model, optimizer, IMAGE_SHAPE, LENGTH, mesh, sharding)
 checkpointer = Checkpointer(workdir, dict(model_config="test-micro"), save_every=1)
 if checkpointer.latest_step() is None:
-    state = create_train_state(model, optimizer, jax.random.key(0), IMAGE_SHAPE, LENGTH, mesh, specs)
+    state = create_train_state(layout, jax.random.key(0))
 else:
-    state, _ = checkpointer.restore(abstract_train_state(model, optimizer, IMAGE_SHAPE, LENGTH, mesh, specs))
-train_step = make_train_step(model, optimizer, mesh, specs)
+    state, _ = checkpointer.restore(layout.abstract)
+train_step = make_train_step(layout)
 rows = BATCH // jax.process_count()
 for step in range(int(state.step), int(end_step)):
     batch = random_batch(BATCH, seed=step)

@@ -1,11 +1,13 @@
 """`python -m jclip.convert --model NAME --input FILE --output DIR [--config configs/NAME.py]`
 
 Converts OpenAI / OpenCLIP PyTorch weights (.safetensors, .pt, .bin) of model
-NAME (see `python -m jclip.models`) into a jclip checkpoint in DIR, which
+NAME (see `python -m jclip.models`; default: the config's `model_name`) into a
+parameters-only jclip checkpoint in DIR, which
 
     python -m jclip.evaluate --config CONFIG --workdir DIR
 
-evaluates, for any CONFIG whose `model` is NAME's configuration.
+evaluates (with the model the checkpoint records), and which a training run with
+`--workdir DIR` and NAME's model starts from.
 """
 
 from absl import flags
@@ -30,7 +32,7 @@ def main(argv):
         raise SystemExit("error: --model is required (or a --config with model_name)")
     try:
         params = from_open_clip(load_state_dict(cli.FLAGS.input), name)
-        directory = save_converted(params, name, cli.FLAGS.output, config, source=cli.FLAGS.input)
+        directory = save_converted(params, name, cli.FLAGS.output, source=cli.FLAGS.input)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         raise SystemExit(f"error: {error}")
     print(f"Wrote {name} weights from {cli.FLAGS.input} to {directory}.")

@@ -8,8 +8,9 @@ function call to sample a caption, tokenizing a caption seen before. An
 through the leading deterministic ops of the preprocessing (`preprocess.ONCE_OPS`,
 e.g. decode and resize) into one uint8 array, and each row keeps its non-blank
 captions as indices into the distinct caption texts, which are tokenized once.
-The pipeline then shuffles row numbers, gathers a batch of rows and samples one
-caption per row with `caption_choice`, all vectorised.
+`TableBatches` then draws row numbers in the order the sources' examples would
+be drawn (`jclip.data.draw_order`), gathers a batch of rows and samples one caption
+per row with `caption_choice`, all vectorised.
 
 An example whose image cannot be decoded or that has no non-blank caption is
 left out of the table (and counted) instead of being skipped at each visit,
@@ -17,6 +18,7 @@ so a source's epoch is its table rows: positions stay exact on resume.
 """
 
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -24,15 +26,17 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from jclip.data import draw_order, preprocess
 from jclip.data.preprocess import ImageOp
 from jclip.data.sources import Source, encoded_image, text_captions
 
 # The most memory the decoded images of this process's sources may take (estimated from each source's first
 # image); sources beyond it are read and decoded per visit instead.
 DECODED_IN_MEMORY_BYTES = 2**30
-# Examples decoded in parallel while a table is built, and batched for the copy into the table.
-LOAD_PARALLELISM = 2
-LOAD_BATCH = 512
+# Examples decoded in parallel while a table is built, and prepared in parallel by random per-image ops while
+# batches are gathered from it (a fixed number, as `pipeline.DECODE_PARALLELISM`).
+PARALLELISM = 2
+LOAD_BATCH = 512  # examples batched for the copy into the table
 
 
 @dataclasses.dataclass
@@ -63,7 +67,7 @@ def _rows(source: Source, image_op: ImageOp, byte_limit: int, options: tf.data.O
         return {"index": index, "pixels": tf.reshape(image, [-1]), "shape": tf.shape(image),
                 "captions": text_captions(example["captions"])}
 
-    batches = (source.examples.enumerate().map(decoded, num_parallel_calls=LOAD_PARALLELISM).ignore_errors()
+    batches = (source.examples.enumerate().map(decoded, num_parallel_calls=PARALLELISM).ignore_errors()
                .ragged_batch(LOAD_BATCH).prefetch(1).with_options(options))
     rows = _SourceRows([], [], 0)
     with tqdm(total=source.num_examples, unit="example", desc=f"decode {source.name} into memory",
@@ -125,3 +129,47 @@ def caption_choice(seed: int, draws: np.ndarray, caption_counts: np.ndarray) -> 
         bits = _mix(key + np.asarray(draws).astype(np.uint64) * golden)
     uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
     return np.minimum((uniform * caption_counts).astype(np.int64), caption_counts - 1)
+
+
+def table_rows(table: ExampleTable, weights: Sequence[float], seed: int, shuffle_buffer: int,
+               start: int) -> tf.data.Dataset:
+    """Row numbers of `table` drawn as `pipeline.mixed_stream` draws examples of its sources, from draw `start` on."""
+    firsts = np.cumsum([0] + table.rows_per_source).tolist()
+
+    def stream(source_index, start):
+        rows = tf.data.Dataset.range(firsts[source_index], firsts[source_index + 1])
+        return draw_order.epochs(rows, table.rows_per_source[source_index], source_index, seed, shuffle_buffer, start)
+
+    return draw_order.mixture([functools.partial(stream, i) for i in range(len(weights))], weights, seed, start)
+
+
+class TableBatches:
+    """A batch source of `pipeline.TrainInput`: local batches `{"image", "row", "index"}` of `table` rows.
+
+    The images are gathered for the whole batch at once, unless random per-image
+    ops (crops, flips) need each image with its own seed; each row's caption is
+    sampled when the batch is handed out (`captions_and_tokens`).
+    """
+
+    def __init__(self, table: ExampleTable, weights: Sequence[float], tokenizer, *, local_batch: int,
+                 text_length: int, seed: int, shuffle_buffer: int, per_image: preprocess.Ops, start: int):
+        self.table, self.seed, self.left_out = table, seed, table.left_out
+        self.text_tokens = tokenizer(table.texts, text_length)  # each distinct caption tokenized once
+        rows = table_rows(table, weights, seed, shuffle_buffer, start).enumerate(start)
+        if per_image:
+            image_op = preprocess.compose(per_image)
+
+            def example(index, row):
+                image = image_op(tf.gather(table.images, row), draw_order.example_seed(seed, index))
+                return {"image": image, "row": row, "index": index}
+            self.batches = rows.map(example, num_parallel_calls=PARALLELISM).batch(local_batch, drop_remainder=True)
+        else:
+            self.batches = rows.batch(local_batch, drop_remainder=True).map(
+                lambda index, row: {"image": tf.gather(table.images, row), "row": row, "index": index})
+
+    def captions_and_tokens(self, batch: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+        """The batch's captions and their tokens, one caption sampled per row."""
+        starts = self.table.caption_starts[batch["row"]]
+        counts = self.table.caption_starts[batch["row"] + 1] - starts
+        texts = self.table.caption_texts[starts + caption_choice(self.seed, batch["index"], counts)]
+        return [self.table.texts[t] for t in texts], self.text_tokens[texts]

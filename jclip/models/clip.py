@@ -7,14 +7,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jclip.models.execution import ExecutionOptions
 from jclip.models.resnet import ModifiedResNet
 from jclip.models.text import TextTransformer
 from jclip.models.vision import VisionTransformer
 
 VISION_TOWERS = {"vit": VisionTransformer, "resnet": ModifiedResNet}
-
-# Arguments CLIP sets on both towers; they are not tower options.
-SHARED_TOWER_ARGUMENTS = ("embed_dim", "dtype", "remat", "logical_axes", "matmul_dtype")
 
 
 def l2_normalize(z: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -48,7 +46,8 @@ class CLIP(nn.Module):
     units the fast mixed precision, where `dtype="bfloat16"` is slower than
     float32); `remat` recomputes each block in the backward pass; `logical_axes`
     makes `init` return parameters boxed with logical axis names
-    (`jclip.models.partitioning`).
+    (`jclip.models.partitioning`). These four become the `ExecutionOptions`
+    that both towers and all their layers share.
     """
 
     vision: dict[str, Any]
@@ -63,16 +62,14 @@ class CLIP(nn.Module):
     matmul_dtype: Optional[str] = None
 
     def setup(self):
-        shared = dict(embed_dim=self.embed_dim, dtype=jnp.dtype(self.dtype), remat=self.remat,
-                      logical_axes=self.logical_axes)
-        if self.matmul_dtype:
-            if vision_tower_class(self.vision) is not VisionTransformer:
-                raise ValueError(f"matmul_dtype={self.matmul_dtype!r} needs a ViT image tower; for the ResNet "
-                                 "tower use dtype='bfloat16'")
-            shared["matmul_dtype"] = self.matmul_dtype
+        if self.matmul_dtype and vision_tower_class(self.vision) is not VisionTransformer:
+            raise ValueError(f"matmul_dtype={self.matmul_dtype!r} needs a ViT image tower; for the ResNet "
+                             "tower use dtype='bfloat16'")
+        options = ExecutionOptions(dtype=jnp.dtype(self.dtype), matmul_dtype=self.matmul_dtype, remat=self.remat,
+                                   logical_axes=self.logical_axes)
         vision = {k: v for k, v in self.vision.items() if k != "type"}
-        self.image_tower = vision_tower_class(self.vision)(**vision, **shared)
-        self.text_tower = TextTransformer(**self.text, **shared)
+        self.image_tower = vision_tower_class(self.vision)(**vision, embed_dim=self.embed_dim, options=options)
+        self.text_tower = TextTransformer(**self.text, embed_dim=self.embed_dim, options=options)
         self.logit_scale = self.param(
             "logit_scale", nn.initializers.constant(math.log(self.init_scale)), (), jnp.float32
         )

@@ -7,6 +7,7 @@ cross-attends from the text tower's token features to the caption tokens and
 predicts the next token. `generate` writes captions by greedy or beam search.
 """
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from jclip.models.clip import l2_normalize
 from jclip.models.decoding import beam_search
+from jclip.models.execution import ExecutionOptions
 from jclip.models.partitioning import initializer
 from jclip.models.transformer import Encoder, EncoderBlock, attention, check_activation, dense, layer_norm
 from jclip.models.vision import VisionTransformer, resize_positions
@@ -32,18 +34,17 @@ class AttentionalPooler(nn.Module):
     num_queries: int
     width: int
     num_heads: int
-    dtype: jnp.dtype = jnp.float32
     norm_eps: float = 1e-6
-    logical_axes: bool = False
+    options: ExecutionOptions = ExecutionOptions()
 
     @nn.compact
     def __call__(self, x):
-        queries = self.param("query", initializer(nn.initializers.normal(1.0), ("seq", "embed"), self.logical_axes),
-                             (self.num_queries, self.width))
-        queries = layer_norm(self.norm_eps, self.dtype, "ln_q")(queries.astype(self.dtype))
-        x = layer_norm(self.norm_eps, self.dtype, "ln_k")(x)
+        queries = self.param("query", initializer(nn.initializers.normal(1.0), ("seq", "embed"),
+                                                  self.options.logical_axes), (self.num_queries, self.width))
+        queries = layer_norm(self.norm_eps, self.options, "ln_q")(queries.astype(self.options.dtype))
+        x = layer_norm(self.norm_eps, self.options, "ln_k")(x)
         queries = jnp.broadcast_to(queries, (x.shape[0], *queries.shape))
-        return attention(self.num_heads, self.logical_axes, self.dtype, "attn")(queries, x)
+        return attention(self.num_heads, self.options, "attn")(queries, x)
 
 
 class CoCaVisionTower(VisionTransformer):
@@ -68,15 +69,15 @@ class CoCaVisionTower(VisionTransformer):
                              f"at their defaults, got pool={self.pool!r} and projection={self.projection}")
         if self.pooler_queries < 2:
             raise ValueError(f"pooler_queries must be >= 2 (1 contrastive + caption tokens); got {self.pooler_queries}")
-        x = self._stem(images.astype(self.dtype))
+        x = self._stem(images.astype(self.options.dtype))
         batch, height, width, _ = x.shape
         x = x.reshape(batch, height * width, self.width)
         cls = self.param("cls_token", initializer(nn.initializers.normal(self.width**-0.5), (None, "seq", "embed"),
-                                                  self.logical_axes), (1, 1, self.width))
+                                                  self.options.logical_axes), (1, 1, self.width))
         x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
         tokens = 1 + (self.image_size // self.patch_size) ** 2 if self.image_size else x.shape[1]
         pos = self.param("pos_embedding", initializer(nn.initializers.normal(self.width**-0.5),
-                                                      (None, "seq", "embed"), self.logical_axes),
+                                                      (None, "seq", "embed"), self.options.logical_axes),
                          (1, tokens, self.width))
         if pos.shape[1] != x.shape[1]:
             pos = resize_positions(pos, 1, (height, width))
@@ -84,13 +85,13 @@ class CoCaVisionTower(VisionTransformer):
         if train and self.patch_dropout > 0:
             x = self._drop_patches(x, 1)
         if self.ln_pre:
-            x = layer_norm(self.norm_eps, self.dtype, "ln_pre")(x)
-        x = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
-                    self.remat, self.logical_axes, name="encoder")(x)
-        x = AttentionalPooler(self.pooler_queries, self.embed_dim, self.pooler_heads, self.dtype, self.norm_eps,
-                              self.logical_axes, name="pooler")(x)
-        x = layer_norm(self.norm_eps, self.dtype, "ln_post")(x)
-        embedding = dense(self.embed_dim, ("embed", "proj"), self.logical_axes, self.dtype, "proj", use_bias=False)(x[:, 0])
+            x = layer_norm(self.norm_eps, self.options, "ln_pre")(x)
+        x = Encoder(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
+                    norm_eps=self.norm_eps, options=self.options, name="encoder")(x)
+        x = AttentionalPooler(self.pooler_queries, self.embed_dim, self.pooler_heads, norm_eps=self.norm_eps,
+                              options=self.options, name="pooler")(x)
+        x = layer_norm(self.norm_eps, self.options, "ln_post")(x)
+        embedding = dense(self.embed_dim, ("embed", "proj"), self.options, "proj", use_bias=False)(x[:, 0])
         return embedding, x[:, 1:]
 
 
@@ -116,29 +117,28 @@ class CoCaTextTower(nn.Module):
     activation: str = "gelu"
     pad_id: int = 0
     norm_eps: float = 1e-6
-    dtype: jnp.dtype = jnp.float32
-    remat: bool = False
-    logical_axes: bool = False
+    options: ExecutionOptions = ExecutionOptions()
 
     @nn.compact
     def __call__(self, tokens):
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(f"tokens must be [batch, length <= {self.context_length}]; got shape {tokens.shape}")
         batch, length = tokens.shape
-        x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="token_embedding",
-                     embedding_init=initializer(nn.initializers.normal(0.02), ("vocab", "embed"), self.logical_axes))(tokens)
-        cls = self.param("cls_token", initializer(nn.initializers.normal(0.01), ("embed",), self.logical_axes),
+        logical_axes = self.options.logical_axes
+        x = nn.Embed(self.vocab_size, self.width, dtype=self.options.dtype, name="token_embedding",
+                     embedding_init=initializer(nn.initializers.normal(0.02), ("vocab", "embed"), logical_axes))(tokens)
+        cls = self.param("cls_token", initializer(nn.initializers.normal(0.01), ("embed",), logical_axes),
                          (self.width,))
         x = jnp.concatenate([x, jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype)], axis=1)
-        pos = self.param("pos_embedding", initializer(nn.initializers.normal(0.01), ("seq", "embed"), self.logical_axes),
+        pos = self.param("pos_embedding", initializer(nn.initializers.normal(0.01), ("seq", "embed"), logical_axes),
                          (self.context_length + 1, self.width))
         x = x + pos[:length + 1].astype(x.dtype)
         keys = jnp.concatenate([jnp.ones((batch, 1), bool), tokens != self.pad_id], axis=1)
         mask = nn.combine_masks(nn.make_causal_mask(keys), keys[:, None, None, :])
-        x = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
-                    self.remat, self.logical_axes, name="encoder")(x, mask)
-        pooled = layer_norm(self.norm_eps, self.dtype, "ln_final")(x[:, -1])
-        embedding = dense(self.embed_dim, ("embed", "proj"), self.logical_axes, self.dtype, "proj", use_bias=False)(pooled)
+        x = Encoder(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
+                    norm_eps=self.norm_eps, options=self.options, name="encoder")(x, mask)
+        pooled = layer_norm(self.norm_eps, self.options, "ln_final")(x[:, -1])
+        embedding = dense(self.embed_dim, ("embed", "proj"), self.options, "proj", use_bias=False)(pooled)
         return embedding, x[:, :-1]
 
 
@@ -156,9 +156,7 @@ class MultimodalDecoder(nn.Module):
     mlp_ratio: float = 4.0
     activation: str = "gelu"
     norm_eps: float = 1e-6
-    dtype: jnp.dtype = jnp.float32
-    remat: bool = False
-    logical_axes: bool = False
+    options: ExecutionOptions = ExecutionOptions()
 
     @nn.compact
     def __call__(self, x, image_tokens):
@@ -166,14 +164,15 @@ class MultimodalDecoder(nn.Module):
         if image_tokens.shape[-1] != x.shape[-1]:
             raise ValueError(f"the decoder's image tokens must have the text width {x.shape[-1]}; got "
                              f"{image_tokens.shape[-1]}: set embed_dim equal to the text tower's width")
-        block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+        block = functools.partial(nn.remat(EncoderBlock) if self.options.remat else EncoderBlock, self.num_heads,
+                                  mlp_ratio=self.mlp_ratio, activation=self.activation, norm_eps=self.norm_eps,
+                                  options=self.options)
         mask = nn.make_causal_mask(jnp.ones(x.shape[:2], bool))
-        options = (self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps, self.logical_axes)
         for i in range(self.depth):
-            x = block(*options, name=f"block_{i}")(x, mask)
-            x = block(*options, cross_attention=True, name=f"cross_{i}")(x, None, image_tokens)
-        x = layer_norm(self.norm_eps, self.dtype, "ln_final")(x)
-        return dense(self.vocab_size, ("embed", "vocab"), self.logical_axes, self.dtype, "proj", use_bias=False)(x)
+            x = block(name=f"block_{i}")(x, mask)
+            x = block(cross_attention=True, name=f"cross_{i}")(x, None, image_tokens)
+        x = layer_norm(self.norm_eps, self.options, "ln_final")(x)
+        return dense(self.vocab_size, ("embed", "vocab"), self.options, "proj", use_bias=False)(x)
 
 
 class CoCa(nn.Module):
@@ -186,7 +185,8 @@ class CoCa(nn.Module):
     arguments of `CoCaVisionTower`, `text` those of `CoCaTextTower`,
     `decoder` those of `MultimodalDecoder` (its width and vocabulary are the
     text tower's). `dtype`, `remat`, `logical_axes`, `init_scale` and
-    `max_scale` are as for `CLIP`.
+    `max_scale` are as for `CLIP`; the first three become the
+    `ExecutionOptions` of all three parts.
     """
 
     vision: dict[str, Any]
@@ -200,10 +200,10 @@ class CoCa(nn.Module):
     logical_axes: bool = False
 
     def setup(self):
-        shared = dict(dtype=jnp.dtype(self.dtype), remat=self.remat, logical_axes=self.logical_axes)
-        self.image_tower = CoCaVisionTower(**self.vision, embed_dim=self.embed_dim, **shared)
-        self.text_tower = CoCaTextTower(**self.text, embed_dim=self.embed_dim, **shared)
-        self.text_decoder = MultimodalDecoder(**self.decoder, vocab_size=self.text["vocab_size"], **shared)
+        options = ExecutionOptions(dtype=jnp.dtype(self.dtype), remat=self.remat, logical_axes=self.logical_axes)
+        self.image_tower = CoCaVisionTower(**self.vision, embed_dim=self.embed_dim, options=options)
+        self.text_tower = CoCaTextTower(**self.text, embed_dim=self.embed_dim, options=options)
+        self.text_decoder = MultimodalDecoder(**self.decoder, vocab_size=self.text["vocab_size"], options=options)
         self.logit_scale = self.param(
             "logit_scale", nn.initializers.constant(math.log(self.init_scale)), (), jnp.float32
         )

@@ -14,7 +14,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from jclip.models.clip import CLIP, SHARED_TOWER_ARGUMENTS, vision_tower_class
+from jclip.models.clip import CLIP, vision_tower_class
 from jclip.models.coca import CoCa, CoCaTextTower, CoCaVisionTower, MultimodalDecoder
 from jclip.models.text import TextTransformer
 
@@ -112,8 +112,8 @@ def list_models() -> list[str]:
 
 
 def _tower_options(cls: type[nn.Module]) -> set[str]:
-    fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name"}
-    return fields - set(SHARED_TOWER_ARGUMENTS)
+    """The arguments of tower `cls` a config sets: all but `embed_dim` and `options`, which the model sets."""
+    return {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name", "embed_dim", "options"}
 
 
 def model_class(config: dict[str, Any]) -> type[nn.Module]:
@@ -151,6 +151,14 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
             raise ValueError(f"unknown {key} option(s) {sorted(unknown)} for model {name!r}; "
                              f"{cls.__name__} takes {sorted(_tower_options(cls))}")
     return config
+
+
+def config_differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted path, a's value, b's value) wherever two model configurations (nested dicts) differ."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [(prefix.rstrip("."), a, b)]
+    return [difference for key in sorted(set(a) | set(b))
+            for difference in config_differences(a.get(key), b.get(key), f"{prefix}{key}.")]
 
 
 def create(name: str, **overrides: Any) -> nn.Module:

@@ -5,6 +5,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jclip.models.execution import ExecutionOptions
 from jclip.models.partitioning import initializer
 from jclip.models.transformer import Encoder, dense, layer_norm
 
@@ -24,6 +25,7 @@ class TextTransformer(nn.Module):
 
     `causal`: each token sees only those before it (CLIP); SigLIP's text
     encoder is bidirectional. `proj_bias`: a bias on the projection (SigLIP).
+    `options`: how the layers run, set by the model (`ExecutionOptions`).
     """
 
     embed_dim: int
@@ -38,10 +40,7 @@ class TextTransformer(nn.Module):
     pool: str = "eos"
     proj_bias: bool = False
     norm_eps: float = 1e-6
-    dtype: jnp.dtype = jnp.float32
-    remat: bool = False
-    logical_axes: bool = False
-    matmul_dtype: Optional[str] = None
+    options: ExecutionOptions = ExecutionOptions()
 
     def _pool(self, x, tokens):
         if self.pool == "eos":
@@ -61,15 +60,15 @@ class TextTransformer(nn.Module):
         if self.pool not in POOLS:
             raise ValueError(f"unknown text pool {self.pool!r}; use one of {POOLS}")
         length = tokens.shape[1]
-        x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="token_embedding",
-                     embedding_init=initializer(nn.initializers.normal(0.02), ("vocab", "embed"), self.logical_axes))(tokens)
-        pos = self.param("pos_embedding", initializer(nn.initializers.normal(0.01), ("seq", "embed"), self.logical_axes),
+        logical_axes = self.options.logical_axes
+        x = nn.Embed(self.vocab_size, self.width, dtype=self.options.dtype, name="token_embedding",
+                     embedding_init=initializer(nn.initializers.normal(0.02), ("vocab", "embed"), logical_axes))(tokens)
+        pos = self.param("pos_embedding", initializer(nn.initializers.normal(0.01), ("seq", "embed"), logical_axes),
                          (self.context_length, self.width))
         x = x + pos[:length].astype(x.dtype)
         mask: Optional[jnp.ndarray] = nn.make_causal_mask(tokens) if self.causal else None
-        x = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
-                    self.remat, self.logical_axes, self.matmul_dtype, name="encoder")(x, mask)
-        x = layer_norm(self.norm_eps, self.dtype, "ln_final")(x)
+        x = Encoder(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
+                    norm_eps=self.norm_eps, options=self.options, name="encoder")(x, mask)
+        x = layer_norm(self.norm_eps, self.options, "ln_final")(x)
         x = self._pool(x, tokens)
-        return dense(self.embed_dim, ("embed", "proj"), self.logical_axes, self.dtype, "proj", use_bias=self.proj_bias,
-                     matmul_dtype=self.matmul_dtype)(x)
+        return dense(self.embed_dim, ("embed", "proj"), self.options, "proj", use_bias=self.proj_bias)(x)

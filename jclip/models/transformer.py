@@ -1,10 +1,8 @@
 """Pre-norm transformer encoder shared by the image and the text towers.
 
-Every layer takes `dtype`, the computation dtype (e.g. bfloat16 for mixed
-precision; parameters stay float32), `matmul_dtype` (None, or the dtype the
-dense layers' matmuls take their inputs in, accumulating in float32: see
-`jclip.models.precision`), `norm_eps` (OpenAI / OpenCLIP use 1e-5,
-timm and SigLIP 1e-6) and `logical_axes` (see `jclip.models.partitioning`).
+The layers take the model's `options` (`jclip.models.execution`: computation
+and matmul dtypes, remat, logical axes); those that normalise also take their
+tower's `norm_eps` (OpenAI / OpenCLIP use 1e-5, timm and SigLIP 1e-6).
 """
 
 import functools
@@ -15,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jclip.models.execution import ExecutionOptions
 from jclip.models.partitioning import initializer, vary_alike
 from jclip.models.precision import low_precision_dot_general
 
@@ -113,33 +112,34 @@ class LayerNorm(nn.Module):
         return _normalize(x, scale, bias, self.epsilon).astype(self.dtype)
 
 
-def layer_norm(eps: float, dtype, name: str) -> LayerNorm:
-    return LayerNorm(epsilon=eps, dtype=dtype, name=name)
+def layer_norm(eps: float, options: ExecutionOptions, name: str) -> LayerNorm:
+    return LayerNorm(epsilon=eps, dtype=options.dtype, name=name)
 
 
 def _dot_general(matmul_dtype: Optional[str]):
     return low_precision_dot_general(matmul_dtype) if matmul_dtype else None
 
 
-def dense(features: int, axes: tuple[str, str], logical_axes: bool, dtype, name: str,
-          use_bias: bool = True, matmul_dtype: Optional[str] = None) -> nn.Dense:
+def dense(features: int, axes: tuple[str, str], options: ExecutionOptions, name: str,
+          use_bias: bool = True) -> nn.Dense:
     """nn.Dense with Flax's default initialisation and logical axes `(input, output)`."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name, dot_general=_dot_general(matmul_dtype),
-                    kernel_init=initializer(nn.linear.default_kernel_init, axes, logical_axes))
+    return nn.Dense(features, use_bias=use_bias, dtype=options.dtype, name=name,
+                    dot_general=_dot_general(options.matmul_dtype),
+                    kernel_init=initializer(nn.linear.default_kernel_init, axes, options.logical_axes))
 
 
-def attention(num_heads: int, logical_axes: bool, dtype, name: str, out_features: Optional[int] = None,
-              matmul_dtype: Optional[str] = None):
+def attention(num_heads: int, options: ExecutionOptions, name: str, out_features: Optional[int] = None):
     """Multi-head dot-product attention scaled by 1/sqrt(head width) (Vaswani et al. 2017).
 
-    With `matmul_dtype` the query, key, value and output projections take
-    their inputs in that dtype; the attention weights stay in `dtype`.
+    With `options.matmul_dtype` the query, key, value and output projections
+    take their inputs in that dtype; the attention weights stay in
+    `options.dtype`.
     """
     return nn.MultiHeadDotProductAttention(
-        num_heads=num_heads, dtype=dtype, out_features=out_features, name=name,
-        qkv_dot_general=_dot_general(matmul_dtype), out_dot_general=_dot_general(matmul_dtype),
-        kernel_init=initializer(nn.linear.default_kernel_init, ("embed", "heads", "kv"), logical_axes),
-        out_kernel_init=initializer(nn.linear.default_kernel_init, ("heads", "kv", "embed"), logical_axes),
+        num_heads=num_heads, dtype=options.dtype, out_features=out_features, name=name,
+        qkv_dot_general=_dot_general(options.matmul_dtype), out_dot_general=_dot_general(options.matmul_dtype),
+        kernel_init=initializer(nn.linear.default_kernel_init, ("embed", "heads", "kv"), options.logical_axes),
+        out_kernel_init=initializer(nn.linear.default_kernel_init, ("heads", "kv", "embed"), options.logical_axes),
     )
 
 
@@ -148,17 +148,14 @@ class MlpBlock(nn.Module):
 
     hidden_dim: int
     activation: str = "gelu"
-    dtype: jnp.dtype = jnp.float32
-    logical_axes: bool = False
-    matmul_dtype: Optional[str] = None
+    options: ExecutionOptions = ExecutionOptions()
 
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        x = dense(self.hidden_dim, ("embed", "mlp"), self.logical_axes, self.dtype, "fc",
-                  matmul_dtype=self.matmul_dtype)(x)
+        x = dense(self.hidden_dim, ("embed", "mlp"), self.options, "fc")(x)
         x = ACTIVATIONS[self.activation](x)
-        return dense(width, ("mlp", "embed"), self.logical_axes, self.dtype, "proj", matmul_dtype=self.matmul_dtype)(x)
+        return dense(width, ("mlp", "embed"), self.options, "proj")(x)
 
 
 class EncoderBlock(nn.Module):
@@ -172,11 +169,9 @@ class EncoderBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     activation: str = "gelu"
-    dtype: jnp.dtype = jnp.float32
     norm_eps: float = 1e-6
-    logical_axes: bool = False
     cross_attention: bool = False
-    matmul_dtype: Optional[str] = None
+    options: ExecutionOptions = ExecutionOptions()
 
     @nn.compact
     def __call__(self, x, mask: Optional[jax.Array] = None, context: Optional[jax.Array] = None):
@@ -184,21 +179,19 @@ class EncoderBlock(nn.Module):
             raise ValueError("a cross-attention block needs a context and a self-attention block takes none; "
                              f"got cross_attention={self.cross_attention} and context={context is not None}")
         width = x.shape[-1]
-        y = layer_norm(self.norm_eps, self.dtype, "ln_1")(x)
-        kv = layer_norm(self.norm_eps, self.dtype, "ln_1_kv")(context) if self.cross_attention else y
-        y = attention(self.num_heads, self.logical_axes, self.dtype, "attn",
-                      matmul_dtype=self.matmul_dtype)(y, kv, mask=mask)
+        y = layer_norm(self.norm_eps, self.options, "ln_1")(x)
+        kv = layer_norm(self.norm_eps, self.options, "ln_1_kv")(context) if self.cross_attention else y
+        y = attention(self.num_heads, self.options, "attn")(y, kv, mask=mask)
         x = x + y
-        y = layer_norm(self.norm_eps, self.dtype, "ln_2")(x)
-        y = MlpBlock(int(width * self.mlp_ratio), self.activation, self.dtype, self.logical_axes, self.matmul_dtype,
-                     name="mlp")(y)
+        y = layer_norm(self.norm_eps, self.options, "ln_2")(x)
+        y = MlpBlock(int(width * self.mlp_ratio), activation=self.activation, options=self.options, name="mlp")(y)
         return x + y
 
 
 class Encoder(nn.Module):
     """A stack of `depth` pre-norm encoder blocks.
 
-    `remat=True` recomputes each block's activations in the backward pass
+    `options.remat` recomputes each block's activations in the backward pass
     instead of storing them (gradient checkpointing, Chen et al. 2016):
     activation memory of one block instead of `depth`, for about a third more
     compute.
@@ -208,17 +201,14 @@ class Encoder(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     activation: str = "gelu"
-    dtype: jnp.dtype = jnp.float32
     norm_eps: float = 1e-6
-    remat: bool = False
-    logical_axes: bool = False
-    matmul_dtype: Optional[str] = None
+    options: ExecutionOptions = ExecutionOptions()
 
     @nn.compact
     def __call__(self, x, mask: Optional[jax.Array] = None):
         check_activation(self.activation)
-        block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+        block = nn.remat(EncoderBlock) if self.options.remat else EncoderBlock
         for i in range(self.depth):
-            x = block(self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
-                      self.logical_axes, matmul_dtype=self.matmul_dtype, name=f"block_{i}")(x, mask)
+            x = block(self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation, norm_eps=self.norm_eps,
+                      options=self.options, name=f"block_{i}")(x, mask)
         return x

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jclip.models.execution import ExecutionOptions
 from jclip.models.partitioning import initializer
 from jclip.models.transformer import Encoder, MlpBlock, attention, dense, layer_norm
 
@@ -22,18 +23,18 @@ class ConvStem(nn.Module):
 
     channels: Sequence[int]
     width: int
-    dtype: jnp.dtype = jnp.float32
-    logical_axes: bool = False
+    options: ExecutionOptions = ExecutionOptions()
 
     @nn.compact
     def __call__(self, x):
-        kernel_init = initializer(nn.linear.default_kernel_init, CONV_AXES, self.logical_axes)
+        dtype = self.options.dtype
+        kernel_init = initializer(nn.linear.default_kernel_init, CONV_AXES, self.options.logical_axes)
         for i, channels in enumerate(self.channels):
-            x = nn.Conv(channels, (3, 3), strides=2, padding="SAME", dtype=self.dtype, kernel_init=kernel_init,
+            x = nn.Conv(channels, (3, 3), strides=2, padding="SAME", dtype=dtype, kernel_init=kernel_init,
                         name=f"conv_{i}")(x)
-            x = nn.LayerNorm(dtype=self.dtype, name=f"norm_{i}")(x)
+            x = nn.LayerNorm(dtype=dtype, name=f"norm_{i}")(x)
             x = nn.gelu(x)
-        return nn.Conv(self.width, (1, 1), dtype=self.dtype, kernel_init=kernel_init, name="proj")(x)
+        return nn.Conv(self.width, (1, 1), dtype=dtype, kernel_init=kernel_init, name="proj")(x)
 
 
 class MAPHead(nn.Module):
@@ -46,21 +47,19 @@ class MAPHead(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     activation: str = "gelu"
-    dtype: jnp.dtype = jnp.float32
     norm_eps: float = 1e-6
-    logical_axes: bool = False
-    matmul_dtype: Optional[str] = None
+    options: ExecutionOptions = ExecutionOptions()
 
     @nn.compact
     def __call__(self, x):
         batch, _, width = x.shape
         latent = self.param("latent", initializer(nn.initializers.normal(width**-0.5), (None, "seq", "embed"),
-                                                  self.logical_axes), (1, 1, width))
+                                                  self.options.logical_axes), (1, 1, width))
         query = jnp.broadcast_to(latent, (batch, 1, width)).astype(x.dtype)
-        z = attention(self.num_heads, self.logical_axes, self.dtype, "attn", matmul_dtype=self.matmul_dtype)(query, x)
-        y = layer_norm(self.norm_eps, self.dtype, "ln")(z)
-        z = z + MlpBlock(int(width * self.mlp_ratio), self.activation, self.dtype, self.logical_axes,
-                         self.matmul_dtype, name="mlp")(y)
+        z = attention(self.num_heads, self.options, "attn")(query, x)
+        y = layer_norm(self.norm_eps, self.options, "ln")(z)
+        z = z + MlpBlock(int(width * self.mlp_ratio), activation=self.activation, options=self.options,
+                         name="mlp")(y)
         return z[:, 0]
 
 
@@ -96,6 +95,7 @@ class VisionTransformer(nn.Module):
     - `patch_dropout`: the fraction of patch tokens dropped at random when
       called with `train=True` (FLIP, Li et al. 2023); needs an rng named
       "patch_dropout".
+    - `options`: how the layers run, set by the model (`ExecutionOptions`).
     """
 
     embed_dim: int
@@ -113,10 +113,7 @@ class VisionTransformer(nn.Module):
     projection: bool = True
     norm_eps: float = 1e-6
     patch_dropout: float = 0.0
-    dtype: jnp.dtype = jnp.float32
-    remat: bool = False
-    logical_axes: bool = False
-    matmul_dtype: Optional[str] = None
+    options: ExecutionOptions = ExecutionOptions()
 
     def _check(self, images):
         if images.ndim != 4 or images.shape[-1] != 3:
@@ -134,15 +131,15 @@ class VisionTransformer(nn.Module):
         if self.stem == "patch":
             return nn.Conv(
                 self.width, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
-                use_bias=self.patch_bias, dtype=self.dtype, name="patch_embed",
-                kernel_init=initializer(nn.linear.default_kernel_init, CONV_AXES, self.logical_axes),
+                use_bias=self.patch_bias, dtype=self.options.dtype, name="patch_embed",
+                kernel_init=initializer(nn.linear.default_kernel_init, CONV_AXES, self.options.logical_axes),
             )(x)
         if self.stem == "conv":
             stages = self.patch_size.bit_length() - 1
             if 2**stages != self.patch_size:
                 raise ValueError(f"stem='conv' needs a power-of-two patch_size; got {self.patch_size}")
             channels = [max(self.width // 2 ** (stages - i), 16) for i in range(stages)]
-            return ConvStem(channels, self.width, self.dtype, self.logical_axes, name="conv_stem")(x)
+            return ConvStem(channels, self.width, options=self.options, name="conv_stem")(x)
         raise ValueError(f"unknown stem {self.stem!r}; use 'patch' or 'conv'")
 
     def _drop_patches(self, x, num_prefix: int):
@@ -158,18 +155,19 @@ class VisionTransformer(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         self._check(images)
-        x = self._stem(images.astype(self.dtype))
+        x = self._stem(images.astype(self.options.dtype))
         batch, height, width, _ = x.shape
         x = x.reshape(batch, height * width, self.width)
         num_prefix = int(self.pool == "cls")
         if num_prefix:
             cls = self.param("cls_token", initializer(nn.initializers.normal(self.width**-0.5),
-                                                      (None, "seq", "embed"), self.logical_axes), (1, 1, self.width))
+                                                      (None, "seq", "embed"), self.options.logical_axes),
+                             (1, 1, self.width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
         grid = self.image_size // self.patch_size if self.image_size else None
         tokens = num_prefix + grid**2 if grid else x.shape[1]
         pos = self.param("pos_embedding", initializer(nn.initializers.normal(self.width**-0.5),
-                                                      (None, "seq", "embed"), self.logical_axes),
+                                                      (None, "seq", "embed"), self.options.logical_axes),
                          (1, tokens, self.width))
         if pos.shape[1] != x.shape[1]:
             pos = resize_positions(pos, num_prefix, (height, width))
@@ -177,17 +175,16 @@ class VisionTransformer(nn.Module):
         if train and self.patch_dropout > 0:
             x = self._drop_patches(x, num_prefix)
         if self.ln_pre:
-            x = layer_norm(self.norm_eps, self.dtype, "ln_pre")(x)
-        x = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
-                    self.remat, self.logical_axes, self.matmul_dtype, name="encoder")(x)
+            x = layer_norm(self.norm_eps, self.options, "ln_pre")(x)
+        x = Encoder(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
+                    norm_eps=self.norm_eps, options=self.options, name="encoder")(x)
         if self.pool == "map":
-            x = layer_norm(self.norm_eps, self.dtype, "ln_post")(x)
-            x = MAPHead(self.num_heads, self.mlp_ratio, self.activation, self.dtype, self.norm_eps,
-                        self.logical_axes, self.matmul_dtype, name="map_head")(x)
+            x = layer_norm(self.norm_eps, self.options, "ln_post")(x)
+            x = MAPHead(self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation, norm_eps=self.norm_eps,
+                        options=self.options, name="map_head")(x)
         else:
             x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
-            x = layer_norm(self.norm_eps, self.dtype, "ln_post")(x)
+            x = layer_norm(self.norm_eps, self.options, "ln_post")(x)
         if not self.projection:
             return x
-        return dense(self.embed_dim, ("embed", "proj"), self.logical_axes, self.dtype, "proj", use_bias=False,
-                     matmul_dtype=self.matmul_dtype)(x)
+        return dense(self.embed_dim, ("embed", "proj"), self.options, "proj", use_bias=False)(x)

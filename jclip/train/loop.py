@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from jclip import models, parallel
-from jclip.checkpoint import Checkpointer
+from jclip.checkpoint import Checkpointer, read_params
 from jclip.data import pipeline
 from jclip.data.sources import build_source
 from jclip.data.tokenizer import Tokenizer
@@ -23,7 +23,7 @@ from jclip.models.summary import training_flops_per_pair
 from jclip.train.metrics_writer import MetricsWriter
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule
 from jclip.train.profiling import StepProfiler
-from jclip.train.state import TrainState, abstract_train_state, create_train_state, parameter_specs, state_specs
+from jclip.train.state import StateLayout, TrainState, create_train_state, state_layout, train_state_from_params
 from jclip.train.step import make_train_step
 from jclip.train.teacher import make_teacher
 from jclip.train.throughput import ThroughputMeter, peak_flops_per_device
@@ -73,11 +73,30 @@ def check_vocabulary(config: ConfigDict, tokenizer: Tokenizer) -> None:
         )
 
 
-def train_state_specs(config: ConfigDict, model, optimizer, mesh) -> TrainState:
-    """How the config lays out the train state: `parameter_sharding` and whether there is an EMA."""
+def train_state_layout(config: ConfigDict, model, optimizer, mesh) -> StateLayout:
+    """How the config lays out the train state: data shapes, `parameter_sharding` and whether there is an EMA."""
     image_shape = (config.data.image_size, config.data.image_size, 3)
-    params = parameter_specs(model, config.parameter_sharding, mesh, image_shape, config.data.text_length)
-    return state_specs(model, optimizer, params, image_shape, config.data.text_length, ema=config.ema_decay > 0)
+    return state_layout(model, optimizer, image_shape, config.data.text_length, mesh, config.parameter_sharding,
+                        ema=config.ema_decay > 0)
+
+
+def initial_state(config: ConfigDict, workdir: str, layout: StateLayout,
+                  checkpointer: Checkpointer) -> tuple[TrainState, int]:
+    """(state, this process's input position) to start from: the workdir's latest checkpoint, or the
+    parameters of a parameters-only checkpoint there (converted weights) with a fresh optimizer, or
+    freshly initialised parameters."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return create_train_state(layout, jax.random.key(config.seed)), 0
+    record = checkpointer.read_record(latest)
+    if record.get("parameters_only"):
+        checkpointer.check_model(record)
+        params, _ = read_params(workdir, layout.abstract.params, latest)
+        print(f"Starting from the parameters in {checkpointer.directory}/{latest}, with a fresh optimizer.")
+        return train_state_from_params(layout, params), 0
+    state, record = checkpointer.restore(layout.abstract, latest)
+    print(f"Resuming from {checkpointer.directory} at step {int(state.step)}.")
+    return state, start_position(record, config)
 
 
 def evaluation_params(state: TrainState):
@@ -124,18 +143,10 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True) -> 
     optimizer = build_optimizer(config)
     schedule = learning_rate_schedule(config)
     image_shape = (config.data.image_size, config.data.image_size, 3)
-    specs = train_state_specs(config, model, optimizer, mesh)
+    layout = train_state_layout(config, model, optimizer, mesh)
     checkpointer = Checkpointer(workdir, config.model.to_dict(), save_every=config.checkpoint_every,
                                 keep=config.keep_checkpoints, keep_period=config.keep_checkpoint_every)
-    if checkpointer.latest_step() is None:
-        state = create_train_state(model, optimizer, jax.random.key(config.seed), image_shape,
-                                   config.data.text_length, mesh, specs)
-        position = 0
-    else:
-        abstract = abstract_train_state(model, optimizer, image_shape, config.data.text_length, mesh, specs)
-        state, record = checkpointer.restore(abstract)
-        position = start_position(record, config)
-        print(f"Resuming from {checkpointer.directory} at step {int(state.step)}.")
+    state, position = initial_state(config, workdir, layout, checkpointer)
     start_step = int(state.step)
 
     batches = pipeline.TrainInput(
@@ -145,8 +156,7 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True) -> 
         negative_attributes=config.data.negative_attributes,
     )
     teacher = make_teacher(config, mesh, tokenizer)
-    train_step = make_train_step(model, optimizer, mesh, specs, config.losses.to_dict(), config.micro_batches,
-                                 config.ema_decay, config.seed)
+    train_step = make_train_step(layout, config.losses.to_dict(), config.micro_batches, config.ema_decay, config.seed)
     throughput = ThroughputMeter(config.batch_size, training_flops_per_pair(model, image_shape, config.data.text_length),
                                  mesh.devices.size, peak_flops_per_device(config.peak_flops_per_device))
 

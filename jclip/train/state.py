@@ -1,25 +1,22 @@
 """The train state (everything that changes from one step to the next) and how it is laid out.
 
-Parameters are either replicated on every device (plain data parallelism) or,
-with `parameter_sharding="fsdp"`, split over the `data` axis along their
-`embed` dimension (`jclip.models.partitioning`). Optimizer state follows its
-parameter: a moment with the parameter's path and shape gets the parameter's
-sharding; anything else (counts, Adafactor's factored moments) is replicated.
+A `StateLayout` is computed once per run: the model, optimizer and input shapes the state is made
+for, and the state's PartitionSpecs and abstract value (shapes, dtypes, shardings). Creating,
+restoring and stepping the state all take it. Parameters lie as `jclip.parameter_layout` says;
+optimizer state follows its parameter: a moment with the parameter's path and shape gets the
+parameter's sharding, anything else (counts, Adafactor's factored moments) is replicated.
 """
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from flax.core import meta
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-from jclip.models.partitioning import fsdp_param_specs
-
-PARAMETER_SHARDINGS = ("replicated", "fsdp")
+from jclip.parameter_layout import init_params, named, parameter_shapes, parameter_specs, with_shardings
 
 
 @struct.dataclass
@@ -32,35 +29,55 @@ class TrainState:
     ema_params: Optional[Any] = None
 
 
-def _example_inputs(image_shape: tuple[int, ...], text_length: int):
-    return (jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
-            jax.ShapeDtypeStruct((1, text_length), jnp.int32))
+class StateLayout(NamedTuple):
+    """What a train state is made for (model, optimizer, input shapes, mesh) and how it lies on the mesh.
+
+    `specs`: a `TrainState` of PartitionSpecs; `abstract`: a `TrainState` of `jax.ShapeDtypeStruct`s with
+    their shardings, the target of a restore.
+    """
+
+    model: nn.Module
+    optimizer: optax.GradientTransformation
+    image_shape: tuple[int, ...]
+    text_length: int
+    mesh: Mesh
+    specs: TrainState
+    abstract: TrainState
+
+    @property
+    def shardings(self) -> TrainState:
+        return named(self.specs, self.mesh)
 
 
-def _init_params(model: nn.Module, rng: jax.Array, image_shape, text_length):
-    images = jnp.zeros((1, *image_shape), jnp.float32)
-    tokens = jnp.zeros((1, text_length), jnp.int32)
-    return meta.unbox(model.init(rng, images, tokens)["params"])
+def state_layout(model: nn.Module, optimizer: optax.GradientTransformation, image_shape: tuple[int, ...],
+                 text_length: int, mesh: Mesh, parameter_sharding: str = "replicated", ema: bool = False) -> StateLayout:
+    """The layout of the state of `model` trained by `optimizer`, parameters laid out by `parameter_sharding`
+    ("replicated" or "fsdp"), with an EMA of the parameters if `ema`."""
+    params = parameter_shapes(model, image_shape, text_length)
+    param_specs = parameter_specs(model, parameter_sharding, mesh, image_shape, text_length)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    specs = TrainState(step=P(), params=param_specs, opt_state=_follow_parameters(opt_state, params, param_specs),
+                       ema_params=param_specs if ema else None)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state,
+                        ema_params=params if ema else None)
+    return StateLayout(model, optimizer, tuple(image_shape), text_length, mesh, specs,
+                       with_shardings(shapes, named(specs, mesh)))
 
 
-def parameter_specs(model: nn.Module, parameter_sharding: str, mesh: Optional[Mesh], image_shape: tuple[int, ...],
-                    text_length: int) -> Any:
-    """The PartitionSpec of every parameter under `parameter_sharding` ("replicated" or "fsdp", which needs `mesh`)."""
-    if parameter_sharding == "fsdp":
-        return fsdp_param_specs(model.clone(logical_axes=True), mesh, *_example_inputs(image_shape, text_length))
-    if parameter_sharding == "replicated":
-        return jax.tree.map(lambda _: P(), jax.eval_shape(
-            lambda: _init_params(model, jax.random.key(0), image_shape, text_length)))
-    raise ValueError(f"unknown parameter_sharding {parameter_sharding!r}; use one of {PARAMETER_SHARDINGS}")
+def create_train_state(layout: StateLayout, rng: jax.Array) -> TrainState:
+    """A freshly initialised state at step 0, made directly in the layout's shardings."""
+    init = lambda rng: _start(layout, init_params(layout.model, rng, layout.image_shape, layout.text_length))
+    return jax.jit(init, out_shardings=layout.shardings)(rng)
 
 
-def abstract_params(model: nn.Module, parameter_sharding: str, mesh: Mesh, image_shape: tuple[int, ...],
-                    text_length: int) -> Any:
-    """Shapes, dtypes and shardings of the model's parameters laid out by `parameter_sharding`."""
-    shapes = jax.eval_shape(lambda: _init_params(model, jax.random.key(0), image_shape, text_length))
-    shardings = named(parameter_specs(model, parameter_sharding, mesh, image_shape, text_length), mesh)
-    return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        shapes, shardings)
+def train_state_from_params(layout: StateLayout, params: Any) -> TrainState:
+    """A state at step 0 that starts from `params` (a parameters-only checkpoint) with a fresh optimizer."""
+    return jax.jit(lambda params: _start(layout, params), out_shardings=layout.shardings)(params)
+
+
+def _start(layout: StateLayout, params: Any) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=layout.optimizer.init(params),
+                      ema_params=params if layout.specs.ema_params is not None else None)
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -84,52 +101,3 @@ def _follow_parameters(tree_shapes: Any, param_shapes: Any, param_specs: Any) ->
         return P()
 
     return jax.tree_util.tree_map_with_path(spec_of, tree_shapes)
-
-
-def state_specs(model: nn.Module, optimizer: optax.GradientTransformation, param_specs: Any,
-                image_shape: tuple[int, ...], text_length: int, ema: bool) -> TrainState:
-    """PartitionSpecs of every leaf of the train state."""
-    params = jax.eval_shape(lambda: _init_params(model, jax.random.key(0), image_shape, text_length))
-    opt_state = jax.eval_shape(optimizer.init, params)
-    return TrainState(step=P(), params=param_specs, opt_state=_follow_parameters(opt_state, params, param_specs),
-                      ema_params=param_specs if ema else None)
-
-
-def named(specs: Any, mesh: Mesh) -> Any:
-    """PartitionSpecs -> NamedShardings on `mesh`."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
-
-
-def replicated_state_specs(model: nn.Module, optimizer: optax.GradientTransformation,
-                           image_shape: tuple[int, ...], text_length: int) -> TrainState:
-    """Specs of a plain data-parallel state without EMA: everything replicated."""
-    params = parameter_specs(model, "replicated", None, image_shape, text_length)
-    return state_specs(model, optimizer, params, image_shape, text_length, ema=False)
-
-
-def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation, rng: jax.Array,
-                       image_shape: tuple[int, ...], text_length: int, mesh: Mesh,
-                       specs: Optional[TrainState] = None) -> TrainState:
-    """Freshly initialised state, laid out on `mesh` as `specs` (from `state_specs`; default replicated) say."""
-    if specs is None:
-        specs = replicated_state_specs(model, optimizer, image_shape, text_length)
-
-    def init(rng):
-        params = _init_params(model, rng, image_shape, text_length)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                          ema_params=params if specs.ema_params is not None else None)
-
-    return jax.jit(init, out_shardings=named(specs, mesh))(rng)
-
-
-def abstract_train_state(model: nn.Module, optimizer: optax.GradientTransformation, image_shape: tuple[int, ...],
-                         text_length: int, mesh: Mesh, specs: Optional[TrainState] = None) -> TrainState:
-    """Shapes, dtypes and shardings of `create_train_state`'s result, without computing it."""
-    if specs is None:
-        specs = replicated_state_specs(model, optimizer, image_shape, text_length)
-    shapes = jax.eval_shape(
-        lambda rng: create_train_state(model, optimizer, rng, image_shape, text_length, mesh, specs),
-        jax.random.key(0),
-    )
-    return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        shapes, named(specs, mesh))

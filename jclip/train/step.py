@@ -21,7 +21,7 @@ from jclip.models.partitioning import gather_on_use
 from jclip.parallel import DATA_AXIS
 from jclip.train.gradient_cache import cached_loss_and_gradients
 from jclip.train.objective import HOW_TO_PROVIDE, embeds_negatives, make_objective
-from jclip.train.state import TrainState, named
+from jclip.train.state import StateLayout, TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -105,21 +105,20 @@ def make_gradient_step(model: nn.Module, mesh: Mesh, loss_spec=None, micro_batch
 
 
 def make_train_step(
-    model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh, specs: Optional[TrainState] = None,
-    loss_spec: Optional[Mapping[str, Mapping[str, Any]]] = None, micro_batches: int = 1,
+    layout: StateLayout, loss_spec: Optional[Mapping[str, Mapping[str, Any]]] = None, micro_batches: int = 1,
     ema_decay: float = 0.0, seed: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """A jitted `(state, batch) -> (state, metrics)` over `mesh`, the state laid out as `specs`
-    (from `jclip.train.state.state_specs`; default: replicated, no EMA).
+    """A jitted `(state, batch) -> (state, metrics)` for states laid out as `layout` says.
 
     After the update, `scale` is clamped at the model's `max_scale`, and the EMA
     of the parameters (when the state has one) moves by `1 - ema_decay` towards
     them. The state is donated: do not reuse the one passed in.
     """
+    model, optimizer, mesh = layout.model, layout.optimizer, layout.mesh
     max_scale = getattr(model, "max_scale", None)
+    gradients = make_gradient_function(model, mesh, layout.specs.params, loss_spec, micro_batches)
 
     def step(state: TrainState, batch: Batch):
-        gradients = make_gradient_function(model, mesh, _state_specs(state).params, loss_spec, micro_batches)
         metrics, grads = gradients(state.params, batch, jax.random.fold_in(jax.random.key(seed), state.step))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -131,11 +130,5 @@ def make_train_step(
         metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
 
-    def _state_specs(state):
-        return specs if specs is not None else jax.tree.map(lambda _: P(), state)
-
-    if specs is None:
-        return jax.jit(step, donate_argnums=0)
-    shardings = named(specs, mesh)
-    return jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    return jax.jit(step, in_shardings=(layout.shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(layout.shardings, parallel.replicated(mesh)), donate_argnums=0)

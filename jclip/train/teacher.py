@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from jclip import parallel
-from jclip.evaluate.from_checkpoint import load_checkpoint_model, locate
+from jclip.checkpoint import load_model, locate
 
 Batch = dict[str, jax.Array]
 
@@ -28,7 +28,7 @@ def make_teacher(config: ConfigDict, mesh: Mesh, tokenizer) -> Optional[Callable
         raise ValueError("config.teacher is set but config.losses has no distillation term; add "
                          "config.losses.distillation = dict(weight=1.0) or unset config.teacher")
     run_directory, step = locate(None, config.teacher, None)
-    model, params, record = load_checkpoint_model(config, run_directory, step, mesh, tokenizer, verbose=False)
+    model, params, record = load_model(config, run_directory, step, mesh, tokenizer, verbose=False)
     print(f"Distilling from the teacher at {run_directory}, step {record['step']}.")
 
     def embed(params, images, tokens):
