@@ -73,7 +73,7 @@ def process_zero_decides(flag: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
 
 
-def gather_rows(local: np.ndarray) -> np.ndarray:
+def gather_from_processes(local: np.ndarray) -> np.ndarray:
     """Every process's `local` rows, concatenated in process order, on every process.
 
     The processes may hold different numbers of rows (the same trailing shape and dtype).
@@ -97,4 +97,4 @@ def gather_strings(local: list[str]) -> list[str]:
     rows = np.zeros((len(encoded), width + 1), np.uint8)  # +1: a string never fills its row, so no empty array
     for row, data in zip(rows, encoded):
         row[: len(data)] = np.frombuffer(data, np.uint8)
-    return [bytes(row).rstrip(b"\0").decode("utf-8") for row in gather_rows(rows)]
+    return [bytes(row).rstrip(b"\0").decode("utf-8") for row in gather_from_processes(rows)]

@@ -10,7 +10,7 @@ from PIL import Image
 from jclip import parallel
 from jclip.data import in_memory, pipeline
 from jclip.data.sources import Source
-from jclip.data.tokenizer import Tokenizer
+from jclip.data.bpe_tokenizer import Tokenizer
 
 
 def png(value: int, height: int = 10, width: int = 12) -> bytes:

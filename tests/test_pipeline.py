@@ -13,7 +13,7 @@ from PIL import Image
 from jclip import parallel
 from jclip.data import pipeline, preprocess, prompts
 from jclip.data.sources import build_source, csv_source, tar_source, tfds_source
-from jclip.data.tokenizer import Tokenizer
+from jclip.data.bpe_tokenizer import Tokenizer
 
 NUM_EXAMPLES = 24
 CORRUPT = {3, 10}  # not images

@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jclip.data import shapes
-from jclip.data.tokenizer import Tokenizer
+from jclip.data.bpe_tokenizer import Tokenizer
 
 TINY_SIZES = {"train": 512, "validation": 128, "test": 256}
 

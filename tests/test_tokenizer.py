@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from jclip.data.tokenizer import Tokenizer
+from jclip.data.bpe_tokenizer import Tokenizer
 
 CAPTIONS = [
     "a small red circle",

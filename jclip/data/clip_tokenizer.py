@@ -34,7 +34,7 @@ import ftfy
 import numpy as np
 import regex
 
-from jclip.data.tokenizer import pack_fixed_length
+from jclip.data.bpe_tokenizer import pack_fixed_length
 
 VOCAB_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 CONTEXT_LENGTH = 77  # OpenAI CLIP's text length

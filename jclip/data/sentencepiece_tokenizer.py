@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import sentencepiece
 
-from jclip.data.tokenizer import pack_fixed_length
+from jclip.data.bpe_tokenizer import pack_fixed_length
 
 
 class SentencePieceTokenizer:

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from jclip.data.tokenizer import Tokenizer
+from jclip.data.bpe_tokenizer import Tokenizer
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "white")

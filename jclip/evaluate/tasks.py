@@ -130,7 +130,7 @@ def _labelled_images(evaluator: Evaluator, dataset: str, split: str, label_key: 
         count, preprocess, fields=lambda ex: {"label": ex["label"]},
     )
     embeddings = evaluator.embed_images(images)
-    labels = parallel.gather_rows(np.asarray(images.fields.get("label", []), np.int64))
+    labels = parallel.gather_from_processes(np.asarray(images.fields.get("label", []), np.int64))
     return builder, embeddings, labels
 
 
@@ -170,7 +170,7 @@ def _captioned_images(evaluator: Evaluator, source: Mapping[str, Any], preproces
     embeddings = evaluator.embed_images(images)
     local_captions = [[c.decode("utf-8").strip() for c in captions] for captions in images.fields.get("captions", [])]
     local_captions = [[c for c in captions if c] for captions in local_captions]
-    counts = parallel.gather_rows(np.array([len(c) for c in local_captions], np.int64))
+    counts = parallel.gather_from_processes(np.array([len(c) for c in local_captions], np.int64))
     flat = parallel.gather_strings([c for captions in local_captions for c in captions])
     ends = np.cumsum(counts)
     return embeddings, [flat[end - count:end] for count, end in zip(counts, ends)]

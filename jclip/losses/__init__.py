@@ -46,8 +46,10 @@ Conventions of every function here, said once:
 | soft targets, labels | `cwcl_loss`, `distillation_loss`, `supervised_contrastive_loss` |
 | several views per sample | `multi_view_infonce_loss`, `multi_view_dhel_loss`, `poly_view_loss` |
 | beyond contrastive | `caption_loss` (CoCa), `catlip_loss` (CatLIP) |
+| metrics, helpers | `logits`, `top1_accuracy`, `embedding_geometry`; `gather_rows` (per device: the global batch's rows) |
 """
 
+from jclip.losses._device_axis import gather_rows
 from jclip.losses.captioning import caption_loss
 from jclip.losses.decoupled import dcl_loss
 from jclip.losses.geometry import alignment_loss, contrastive_gap_loss, cross_modal_uniformity_loss, uniformity_loss
@@ -87,6 +89,7 @@ __all__ = [
     "dcl_loss",
     "distillation_loss",
     "embedding_geometry",
+    "gather_rows",
     "hard_negative_clip_loss",
     "logits",
     "mochi_loss",

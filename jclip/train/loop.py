@@ -1,12 +1,19 @@
-"""The training loop: data, model, sharded steps, logging, checkpoints, final evaluation."""
+"""The training loop, in three stages: `set_up` builds a `Run` (data, model, state, step, writers);
+`run_steps` steps it with the periodic actions between steps (logging, saving, evaluating); the end
+saves the last step and evaluates. `train` runs the three.
+"""
 
+import dataclasses
 import os
 import signal
 import time
+from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -14,7 +21,7 @@ from jclip import models, parallel
 from jclip.checkpoint import Checkpointer, read_params
 from jclip.data import pipeline
 from jclip.data.sources import build_source
-from jclip.data.tokenizer import Tokenizer
+from jclip.data.bpe_tokenizer import Tokenizer
 from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate.from_checkpoint import make_evaluator
 from jclip.evaluate.report import flatten, write_report
@@ -128,8 +135,46 @@ def write_config(config: ConfigDict, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2))
 
 
-def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True) -> TrainState:
-    """Train (resuming from the latest checkpoint in `workdir`) and return the final state."""
+@dataclasses.dataclass
+class Run:
+    """Everything a training run works with, built once by `set_up`; `state` is the current train state."""
+
+    config: ConfigDict
+    workdir: str
+    mesh: Mesh
+    model: nn.Module
+    tokenizer: Tokenizer
+    checkpointer: Checkpointer
+    batches: pipeline.TrainInput
+    teacher: Optional[Callable[[dict], dict]]
+    train_step: Callable
+    schedule: Callable[[int], Any]
+    throughput: ThroughputMeter
+    writer: MetricsWriter
+    profiler: StepProfiler
+    state: TrainState
+    start_step: int
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def record(self) -> dict:
+        """What an exact resume needs besides the state: every process's input position (a collective)."""
+        positions = multihost_utils.process_allgather(np.int64(self.batches.position))
+        return {"data_position": np.atleast_1d(positions).tolist(), "seed": self.config.seed}
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def close(self) -> None:
+        """Stop profiling, complete pending saves (also after an error: they are of good states), close files."""
+        self.profiler.stop()
+        self.checkpointer.wait()
+        self.checkpointer.close()
+        self.writer.close()
+
+
+def set_up(config: ConfigDict, workdir: str) -> Run:
+    """Stage 1: the run's mesh, data, model, state (resumed, started from parameters, or fresh), step and writers.
+    Misconfigurations (batch size, vocabulary, evaluation tasks) fail here, before any training."""
     os.makedirs(workdir, exist_ok=True)
     write_config(config, workdir)
     mesh = parallel.make_mesh()
@@ -137,102 +182,133 @@ def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True) -> 
     sources = [build_source(options, config.data.data_dir) for options in config.data.sources.values()]
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.data_dir)
     check_vocabulary(config, tokenizer)
-    select_tasks(config.evaluate.tasks)  # a misconfigured evaluation fails now, not after training
+    select_tasks(config.evaluate.tasks)
 
     model = models.model_class(config.model)(**config.model)
-    optimizer = build_optimizer(config)
-    schedule = learning_rate_schedule(config)
-    image_shape = (config.data.image_size, config.data.image_size, 3)
-    layout = train_state_layout(config, model, optimizer, mesh)
+    layout = train_state_layout(config, model, build_optimizer(config), mesh)
     checkpointer = Checkpointer(workdir, config.model.to_dict(), save_every=config.checkpoint_every,
                                 keep=config.keep_checkpoints, keep_period=config.keep_checkpoint_every)
     state, position = initial_state(config, workdir, layout, checkpointer)
-    start_step = int(state.step)
-
     batches = pipeline.TrainInput(
         sources, tokenizer, mesh, batch_size=config.batch_size, text_length=config.data.text_length,
         seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, image_preprocess=config.data.preprocess,
         start_position=position, negative_kinds=config.data.negative_kinds,
         negative_attributes=config.data.negative_attributes,
     )
-    teacher = make_teacher(config, mesh, tokenizer)
-    train_step = make_train_step(layout, config.losses.to_dict(), config.micro_batches, config.ema_decay, config.seed)
-    throughput = ThroughputMeter(config.batch_size, training_flops_per_pair(model, image_shape, config.data.text_length),
-                                 mesh.devices.size, peak_flops_per_device(config.peak_flops_per_device))
+    flops = training_flops_per_pair(model, layout.image_shape, config.data.text_length)
+    return Run(
+        config=config, workdir=workdir, mesh=mesh, model=model, tokenizer=tokenizer, checkpointer=checkpointer,
+        batches=batches, teacher=make_teacher(config, mesh, tokenizer),
+        train_step=make_train_step(layout, config.losses.to_dict(), config.micro_batches, config.ema_decay,
+                                   config.seed),
+        schedule=learning_rate_schedule(config),
+        throughput=ThroughputMeter(config.batch_size, flops, mesh.devices.size,
+                                   peak_flops_per_device(config.peak_flops_per_device)),
+        writer=MetricsWriter(workdir, tensorboard=config.tensorboard),
+        profiler=StepProfiler(config.get("profile_steps"), os.path.join(workdir, "profile")),
+        state=state, start_step=int(state.step),
+    )
 
-    def record():
-        """What an exact resume needs besides the state: every process's input position."""
-        positions = multihost_utils.process_allgather(np.int64(batches.position))
-        return {"data_position": np.atleast_1d(positions).tolist(), "seed": config.seed}
 
-    def time_to_save() -> bool:
-        """Whether `checkpoint_every_minutes` have passed, as process 0's clock says (all agree)."""
-        due = bool(config.checkpoint_every_minutes) and (
-            checkpointer.minutes_since_save() >= config.checkpoint_every_minutes)
-        return parallel.process_zero_decides(due)
+def run_steps(run: Run, stop: StopRequested, bar: tqdm) -> tuple[int, Any]:
+    """Stage 2: steps until `total_steps` or an agreed stop, with the periodic actions between them.
 
-    writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
-    profiler = StepProfiler(config.get("profile_steps"), os.path.join(workdir, "profile"))
+    Returns the last step and its metrics (as the step returned them)."""
+    config = run.config
+    step, metrics = run.start_step, None
+    while step < config.total_steps and not stop.reached(step):
+        batch = next(run.batches)
+        if run.teacher is not None:
+            batch.update(run.teacher(batch))
+        run.profiler.before(step)
+        run.state, metrics = run.train_step(run.state, batch)
+        run.profiler.after(step, metrics)
+        step += 1
+        run.throughput.step()
+        logging = step % config.log_every == 0 or step == config.total_steps
+        saving = run.checkpointer.due(step) or (logging and time_to_save(run))
+        if logging or saving:
+            metrics = fetched(metrics)
+            check_finite(run, metrics, step)  # before saving: a checkpoint is never of diverged parameters
+        if saving:
+            run.checkpointer.save(step, run.state, run.record, force=True)
+        if logging:
+            log_metrics(run, step, metrics, bar)
+        if config.evaluate.every_steps and step % config.evaluate.every_steps == 0 and step < config.total_steps:
+            evaluate_during_training(run, step)
+        bar.update(1)
+    return step, metrics
 
-    def check_finite(metrics: dict, step: int) -> None:
-        """Stop on a non-finite loss or gradient, unless the optimizer skips such updates."""
-        if config.optimizer.skip_nonfinite or all(np.isfinite([metrics["loss"], metrics["grad_norm"]])):
-            return
-        raise FloatingPointError(
-            f"loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step {step}; the last good "
-            f"checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. Lower the learning "
-            "rate, or set config.optimizer.skip_nonfinite=True to skip such updates."
-        )
-    try:  # pending saves of good states complete even when the run stops on an error
-        run_start = time.perf_counter()
-        with StopRequested() as stop, tqdm(
-            total=config.total_steps, initial=start_step, desc="train", unit="step",
-            disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0,
-        ) as bar:
-            step, stopping = start_step, False
-            while step < config.total_steps and not (stopping := stop.reached(step)):
-                batch = next(batches)
-                if teacher is not None:
-                    batch.update(teacher(batch))
-                profiler.before(step)
-                state, metrics = train_step(state, batch)
-                profiler.after(step, metrics)
-                step += 1
-                throughput.step()
-                logging = step % config.log_every == 0 or step == config.total_steps
-                saving = checkpointer.due(step) or (logging and time_to_save())
-                if logging or saving:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    check_finite(metrics, step)  # before saving: a checkpoint is never of diverged params
-                if saving:
-                    checkpointer.save(step, state, record, force=True)
-                if logging:
-                    metrics.update(throughput.read(), learning_rate=float(schedule(step - 1)),
-                                   seconds=time.perf_counter() - run_start, skipped_examples=batches.skipped,
-                                   left_out_examples=batches.left_out)
-                    writer.write(step, metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{metrics['samples_per_second']:.0f}")
-                if config.evaluate.every_steps and step % config.evaluate.every_steps == 0 and step < config.total_steps:
-                    evaluator = make_evaluator(config, model, evaluation_params(state), tokenizer, mesh)
-                    results = {}
-                    for name, result in run_tasks(evaluator, config.evaluate.tasks).items():
-                        results.update(flatten(result.metrics, f"eval/{name}"))
-                    writer.write(step, {"seconds": time.perf_counter() - run_start, **results})
-                bar.update(1)
-            # The last save, still under the handlers: a signal that comes now only sets the flag.
-            if checkpointer.latest_step() != step:
-                if step > start_step:
-                    check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step)
-                checkpointer.save(step, state, record, force=True)
-            checkpointer.wait()
+
+def time_to_save(run: Run) -> bool:
+    """Whether `checkpoint_every_minutes` have passed, as process 0's clock says (all processes agree)."""
+    minutes = run.config.checkpoint_every_minutes
+    return parallel.process_zero_decides(bool(minutes) and run.checkpointer.minutes_since_save() >= minutes)
+
+
+def fetched(metrics: Any) -> dict[str, float]:
+    """A step's metrics on the host, as floats (waits for the step)."""
+    return {name: float(value) for name, value in jax.device_get(metrics).items()}
+
+
+def check_finite(run: Run, metrics: dict[str, float], step: int) -> None:
+    """Stop on a non-finite loss or gradient, unless the optimizer skips such updates."""
+    if run.config.optimizer.skip_nonfinite or all(np.isfinite([metrics["loss"], metrics["grad_norm"]])):
+        return
+    raise FloatingPointError(
+        f"loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step {step}; the last good "
+        f"checkpoint is step {run.checkpointer.latest_step()} in {run.checkpointer.directory}. Lower the learning "
+        "rate, or set config.optimizer.skip_nonfinite=True to skip such updates."
+    )
+
+
+def log_metrics(run: Run, step: int, metrics: dict[str, float], bar: tqdm) -> None:
+    """The step's metrics with throughput, learning rate and input counts, to metrics.jsonl, TensorBoard and the bar."""
+    metrics = {**metrics, **run.throughput.read(), "learning_rate": float(run.schedule(step - 1)),
+               "seconds": run.seconds(), "skipped_examples": run.batches.skipped,
+               "left_out_examples": run.batches.left_out}
+    run.writer.write(step, metrics)
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{metrics['samples_per_second']:.0f}")
+
+
+def evaluate(run: Run):
+    """The config's evaluation tasks on the run's current (EMA) parameters."""
+    evaluator = make_evaluator(run.config, run.model, evaluation_params(run.state), run.tokenizer, run.mesh)
+    return run_tasks(evaluator, run.config.evaluate.tasks)
+
+
+def evaluate_during_training(run: Run, step: int) -> None:
+    results = {}
+    for name, result in evaluate(run).items():
+        results.update(flatten(result.metrics, f"eval/{name}"))
+    run.writer.write(step, {"seconds": run.seconds(), **results})
+
+
+def save_at_end(run: Run, step: int, metrics: Any) -> None:
+    """Stage 3, first part: the last step saved (unless it already is), checked for finite values first."""
+    if run.checkpointer.latest_step() != step:
+        if step > run.start_step:
+            check_finite(run, fetched(metrics), step)
+        run.checkpointer.save(step, run.state, run.record, force=True)
+    run.checkpointer.wait()
+
+
+def progress_bar(run: Run) -> tqdm:
+    return tqdm(total=run.config.total_steps, initial=run.start_step, desc="train", unit="step",
+                disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
+
+
+def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True) -> TrainState:
+    """Train (resuming from the latest checkpoint in `workdir`), evaluate at the end, return the final state."""
+    run = set_up(config, workdir)
+    try:
+        with StopRequested() as stop, progress_bar(run) as bar:
+            step, metrics = run_steps(run, stop, bar)
+            save_at_end(run, step, metrics)  # still under the handlers: a signal that comes now only sets the flag
     finally:
-        profiler.stop()
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
-    if stopping:
+        run.close()
+    if step < config.total_steps:
         print(f"Stopped at step {step} on request; checkpoint saved. Re-run the same command to resume.")
     elif evaluate_at_end and step == config.total_steps:
-        evaluator = make_evaluator(config, model, evaluation_params(state), tokenizer, mesh)
-        write_report(run_tasks(evaluator, config.evaluate.tasks), workdir, step, f"Evaluation of {workdir}")
-    return state
+        write_report(evaluate(run), workdir, step, f"Evaluation of {workdir}")
+    return run.state

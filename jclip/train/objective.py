@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 
 from jclip import losses
-from jclip.losses._device_axis import gather_rows
 
 Outputs = dict[str, jax.Array]
 Batch = dict[str, jax.Array]
@@ -65,7 +64,7 @@ def _views(out, batch, rng, axis_name):
 def caption_labels(tokens: jax.Array, axis_name) -> jax.Array:
     """Per-row labels [b] from the captions: the global index of the first row with identical tokens,
     so that pairs whose captions are the same count as positives, not negatives."""
-    everyone = gather_rows(tokens, axis_name)
+    everyone = losses.gather_rows(tokens, axis_name)
     same = jnp.all(tokens[:, None, :] == everyone[None, :, :], axis=-1)
     return jnp.argmax(same, axis=1).astype(jnp.int32)
 
