@@ -54,6 +54,26 @@ def shapes_data_dir(tmp_path_factory) -> str:
     return data_dir
 
 
+@pytest.fixture(scope="module")
+def csv_file(tmp_path_factory) -> str:
+    """A TSV (columns filepath, title) of helpers.py's image–caption pairs, 4 of its 25 rows unusable: the
+    CORRUPT images, the EMPTY_CAPTION and a last row whose file is missing."""
+    import csv
+
+    from helpers import NUM_EXAMPLES, example
+
+    root = tmp_path_factory.mktemp("csv")
+    with open(root / "pairs.tsv", "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["filepath", "title"])
+        for i in range(NUM_EXAMPLES):
+            image, caption = example(i)
+            (root / f"{i}.png").write_bytes(image)
+            writer.writerow([f"{i}.png", caption])
+        writer.writerow(["missing.png", "a file that does not exist"])
+    return str(root / "pairs.tsv")
+
+
 @pytest.fixture
 def tiny_config(shapes_data_dir):
     """The demo config shrunk to the `tiny` dataset and the `test-micro` model: seconds per run."""

@@ -22,6 +22,8 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from helpers import assert_trees_close
+
 DEVICE_COUNTS = (1, 2, 8)
 MESH_KINDS = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 
@@ -45,13 +47,10 @@ def numerical_gradient(reference, inputs, eps=1e-6):
     return grads
 
 
-def assert_close(actual, expected, rtol=2e-5, atol_fraction=None):
-    """Leaf by leaf; the absolute tolerance is `rtol` (or `atol_fraction`) times the leaf's largest entry."""
-    leaves_a, leaves_e = jax.tree.leaves(actual), jax.tree.leaves(expected)
-    assert len(leaves_a) == len(leaves_e)
-    for a, e in zip(leaves_a, leaves_e):
-        scale = np.max(np.abs(e)) if np.size(e) else 0.0
-        np.testing.assert_allclose(a, e, rtol=rtol, atol=(atol_fraction or rtol) * scale + 1e-12)
+def assert_close(actual, expected, rtol=2e-5):
+    """Within `rtol`, and absolutely within `rtol` times each leaf's largest entry plus 1e-12 (for leaves that are
+    zero): `helpers.assert_trees_close` with `atol_fraction=rtol, per_leaf=True`."""
+    assert_trees_close(actual, expected, rtol=rtol, atol=1e-12, atol_fraction=rtol, per_leaf=True)
 
 
 def assert_matches_reference(loss, reference, inputs, *, sharded, rtol=1e-4, **options):

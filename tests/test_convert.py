@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from helpers import assert_trees_equal
 from open_clip_support import assert_parity, import_open_clip, random_open_clip
 from jclip import models
 from jclip.convert import from_open_clip, load_state_dict, save_converted
@@ -146,8 +147,7 @@ def test_pytorch_weight_files_convert_to_the_same_parameters(kind, tmp_path):
     name, write = WEIGHT_FILES[kind]
     write(torch, model, str(tmp_path / name))
     got = from_open_clip(load_state_dict(str(tmp_path / name)), "ViT-B-32", **TINY)
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert_trees_equal(got, want)
 
 
 def test_converted_checkpoint_is_what_the_evaluator_restores_and_the_trainer_starts_from(tiny_config, tmp_path):
@@ -172,8 +172,7 @@ def test_converted_checkpoint_is_what_the_evaluator_restores_and_the_trainer_sta
     tokenizer = load_tokenizer(tiny_config.data.tokenizer, tiny_config.data.data_dir)
     _, restored, record = load_model(tiny_config, workdir, 0, parallel.make_mesh(), tokenizer, verbose=False)
     assert record["parameters_only"] and record["converted_from"] == "weights.pt"
-    assert jax.tree.structure(restored) == jax.tree.structure(params)
-    jax.tree.map(np.testing.assert_array_equal, restored, params)
+    assert_trees_equal(restored, params)
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         save_converted(params, "test-micro", workdir)
 
@@ -182,7 +181,7 @@ def test_converted_checkpoint_is_what_the_evaluator_restores_and_the_trainer_sta
     tiny_config.total_steps, tiny_config.optimizer.learning_rate, tiny_config.optimizer.end_learning_rate = 1, 0.0, 0.0
     state = train(tiny_config, workdir, evaluate_at_end=False)
     assert int(state.step) == 1
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params)
+    assert_trees_equal(state.params, params)
     checkpointer = Checkpointer(workdir, tiny_config.model.to_dict(), save_every=1)
     assert checkpointer.latest_step() == 1 and not checkpointer.read_record(1).get("parameters_only")
     checkpointer.close()

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -14,8 +13,8 @@ import tensorflow_datasets as tfds
 
 from conftest import REPO, load_config
 from evaluation_tasks import TASKS, micro_evaluator
+from helpers import run_workers
 from open_clip_support import import_open_clip, random_open_clip
-from test_multiprocess import run_workers
 from jclip import models, parallel
 from jclip.convert import from_open_clip
 from jclip.data import preprocess, prompts

@@ -1,22 +1,14 @@
 """Small sources decoded once into an ExampleTable: the same batches as reading them per visit, exact resume."""
 
-import io
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
+from helpers import png
 from jclip import parallel
 from jclip.data import in_memory, pipeline
 from jclip.data.sources import Source
 from jclip.data.bpe_tokenizer import Tokenizer
-
-
-def png(value: int, height: int = 10, width: int = 12) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((height, width, 3), value, np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def small_source(name: str, numbers, captions_per_example: int = 1, corrupt=(), blank=(), sizes=None) -> Source:

@@ -303,7 +303,7 @@ def test_mochi_mixing_draws():
     assert 0 <= beta.min() and beta.max() < 0.5 and 0.2 < beta.mean() < 0.3
     # A row's draws depend on the key and the global row only: what makes sharding exact.
     reversed_rows = draw(key, np.arange(64)[::-1], **options)
-    assert_close(reversed_rows, [a[::-1] for a in (pairs, alpha, partners, beta)], rtol=0)
+    assert_close(reversed_rows, tuple(a[::-1] for a in (pairs, alpha, partners, beta)), rtol=0)
     typed = draw(jax.random.key(3), np.arange(64), **options)
     assert_close(typed, (pairs, alpha, partners, beta), rtol=0)
     other = draw(jax.random.PRNGKey(4), np.arange(64), **options)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import loss_checks
+from helpers import assert_trees_close
 from jclip.losses import (
     CLIP_INIT_LOG_SCALE,
     CLIP_INIT_SCALE,
@@ -70,8 +71,8 @@ TILINGS = {"dense": {}, "block_size=4": {"block_size": 4}, "block_size=1": {"blo
 
 
 def assert_close(actual, expected, rtol=1e-4):
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * np.max(np.abs(e)))
+    """Within `rtol`, and absolutely within `rtol` times each leaf's largest entry."""
+    assert_trees_close(actual, expected, rtol=rtol, atol_fraction=rtol, per_leaf=True)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from helpers import assert_trees_close
 from jclip.losses import clip_loss, embedding_geometry, logits, siglip_loss, top1_accuracy
 from loss_checks import MESH_KINDS
 
@@ -108,9 +109,8 @@ def per_device(mode, devices, loss, **kwargs):
     return run
 
 
-def assert_close(actual, expected, rtol=2e-5):
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * np.max(np.abs(e)))
+# Within 2e-5, and absolutely within 2e-5 times each leaf's largest entry.
+assert_close = functools.partial(assert_trees_close, rtol=2e-5, atol_fraction=2e-5, per_leaf=True)
 
 
 @pytest.mark.parametrize("tiling", TILINGS)

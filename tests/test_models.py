@@ -10,6 +10,7 @@ import pytest
 from jax.extend.core.primitives import remat_p
 from jax.sharding import PartitionSpec as P
 
+from helpers import assert_trees_close, assert_trees_equal, init_params
 from jclip import models, parallel
 from jclip.losses import clip_loss
 from jclip.models.partitioning import fsdp_param_shardings
@@ -39,13 +40,6 @@ def inputs(model, batch=2, seed=0):
     tokens = rng.integers(1, VOCAB, (batch, LENGTH)).astype(np.int32)
     tokens[0, 5:] = 0
     return jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32), jnp.asarray(tokens)
-
-
-def assert_gradients_close(got, want, tolerance):
-    """Every gradient within `tolerance` times the largest one: float32 rounding errors scale with the
-    largest terms of a sum, and some gradients are zero up to rounding (attention key biases)."""
-    largest = max(np.abs(g).max() for g in jax.tree.leaves(want))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * largest), got, want)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,7 +96,8 @@ def test_remat_gives_the_same_values_and_gradients():
     for tower in ("image_tower", "text_tower"):
         assert all(np.any(g != 0) for g in jax.tree.leaves(grads["params"][tower])), tower
     np.testing.assert_allclose(remat_value, value, rtol=1e-6)
-    assert_gradients_close(remat_grads, grads, 1e-6)  # measured: 2.5e-7, float32 rounding of reordered sums
+    # Measured: 2.5e-7, float32 rounding of reordered sums.
+    assert_trees_close(remat_grads, grads, rtol=0, atol_fraction=1e-6)
 
 
 def test_logical_axes_annotate_parameters_for_fsdp():
@@ -112,7 +107,7 @@ def test_logical_axes_annotate_parameters_for_fsdp():
     kernel = boxed["image_tower"]["encoder"]["block_0"]["mlp"]["fc"]["kernel"]
     assert isinstance(kernel, nn.Partitioned) and kernel.names == ("embed", "mlp")
     plain = reduced("ViT-B-32").init(jax.random.key(0), images, tokens)["params"]
-    jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(boxed), plain)
+    assert_trees_equal(nn.meta.unbox(boxed), plain)
     shardings = fsdp_param_shardings(model, parallel.make_mesh(8), images, tokens)
     assert shardings["text_tower"]["token_embedding"]["embedding"].spec == P(None, "data")
     assert shardings["image_tower"]["encoder"]["block_0"]["attn"]["out"]["kernel"].spec == P(None, None, "data")
@@ -192,7 +187,7 @@ def test_layer_norm_and_gelu_match_flax_and_jax_with_their_gradients():
     loss = lambda module: lambda v, x: (module.apply(v, x) * weights).sum()
     ours_grads = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
     flax_grads = jax.grad(loss(flax_norm), argnums=(0, 1))(variables, x)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), ours_grads, flax_grads)
+    assert_trees_close(ours_grads, flax_grads, rtol=1e-4, atol=1e-4)
     z = jnp.linspace(-8.0, 8.0, 1001)
     np.testing.assert_allclose(gelu(z), jax.nn.gelu(z, approximate=False), atol=2e-6)
     np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(z),
@@ -225,7 +220,7 @@ def test_bfloat16_matmul_model_shards_exactly():
 
     batch = random_batch(8)
     model = models.create("test-micro", matmul_dtype="bfloat16")
-    params = model.init(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
+    params = init_params(model, batch)
     results = []
     for devices in (1, 2):
         mesh = parallel.make_mesh(devices)
@@ -235,4 +230,4 @@ def test_bfloat16_matmul_model_shards_exactly():
     # The gradients of the global batch however it is split: a partial gradient not summed over the
     # devices, or summed twice, is off by a factor. Not tighter: float32 sums ordered differently on
     # two devices move a cotangent across a bfloat16 rounding boundary (measured: 3e-4, text key kernel).
-    assert_gradients_close(grads_2, grads_1, 1e-3)
+    assert_trees_close(grads_2, grads_1, rtol=0, atol_fraction=1e-3)

@@ -4,63 +4,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
-import pytest
 
 from conftest import REPO
+from helpers import assert_trees_close, assert_trees_equal, free_port, read_metrics, run_workers
 from multiprocess_worker import worker_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_workers(script: str, processes: int, *args, timeout: float = 300) -> list[str]:
-    """`tests/<script> PROCESS_ID NUM_PROCESSES PORT *args` as `processes` processes joined on loopback.
-
-    Returns each process's output. Fails if any process exits non-zero or if they have not all
-    exited within `timeout` seconds (a hang, e.g. processes waiting in different collectives):
-    then every process is killed.
-    """
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # each worker sets its own device count
-    logs = [tempfile.TemporaryFile("w+") for _ in range(processes)]  # files, not pipes: no process blocks on output
-    launched = [subprocess.Popen([sys.executable, str(REPO / "tests" / script), str(i), str(processes), str(port),
-                                  *map(str, args)],
-                                 env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-                for i, log in enumerate(logs)]
-    deadline = time.monotonic() + timeout
-    try:
-        for p in launched:
-            p.wait(timeout=max(deadline - time.monotonic(), 0))
-        hung = False
-    except subprocess.TimeoutExpired:
-        hung = True
-    finally:
-        for p in launched:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    outputs = []
-    for log in logs:
-        log.seek(0)
-        outputs.append(log.read())
-        log.close()
-    report = "\n".join(f"--- process {i} (exit {p.returncode}) ---\n{output[-3000:]}"
-                       for i, (p, output) in enumerate(zip(launched, outputs)))
-    if hung:
-        pytest.fail(f"{script}: not every process exited within {timeout} s; killed\n{report}")
-    assert all(p.returncode == 0 for p in launched), report
-    return outputs
 
 
 def run_processes(workdir, data_dir, steps, *sigterm_after, processes=2):
@@ -99,8 +50,7 @@ def read_record(workdir, step) -> dict:
 
 def assert_params_close(actual, expected):
     """Equal up to summation order: within 1e-5, half a percent of one step (learning rate 2e-3)."""
-    for key in expected.files:
-        np.testing.assert_allclose(actual[key], expected[key], rtol=1e-4, atol=1e-5)
+    assert_trees_close(dict(actual), dict(expected), rtol=1e-4, atol=1e-5)
 
 
 def test_two_hosts_of_four_devices_equal_one_host_of_eight_and_resume_each_other(tmp_path):
@@ -123,7 +73,7 @@ def test_two_processes_resume_exactly_stop_together_on_sigterm_and_resume_on_one
     2 processes' checkpoint from an even split of the examples they drew."""
     straight = tmp_path / "straight"
     run_processes(straight, shapes_data_dir, 8)  # checkpoints at steps 3, 6 and 8
-    losses = [json.loads(line)["loss"] for line in open(straight / "metrics.jsonl")]
+    losses = [m["loss"] for m in read_metrics(straight)]
     assert len(losses) == 8 and losses[-1] < losses[0]
     assert read_record(straight, 6)["data_position"] == [6 * 8, 6 * 8]  # each process drew its half of every batch
 
@@ -143,8 +93,7 @@ def test_two_processes_resume_exactly_stop_together_on_sigterm_and_resume_on_one
         assert f"at step {stop}." in output, output[-3000:]
     expected = np.load(straight / "params_step8.npz")
     resumed = np.load(stopped / "params_step8.npz")
-    for key in expected.files:
-        np.testing.assert_array_equal(resumed[key], expected[key])
+    assert_trees_equal(dict(resumed), dict(expected))
     assert read_record(stopped, 8)["data_position"] == [8 * 8, 8 * 8]
 
     # One process (this one) resumes step 3 of the two: it continues from the 2 × 24 examples drawn.

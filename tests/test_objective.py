@@ -11,14 +11,13 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from batches import random_batch
+from helpers import assert_trees_close, init_params, read_metrics
 from jclip import losses, models, parallel
 from jclip.data import shapes
 from jclip.train.loop import train
 from jclip.train.objective import LOSSES, caption_labels, make_objective
 from jclip.train.step import make_gradient_step
 from jclip.train.teacher import make_teacher
-from test_train import read_metrics
-from test_train_step import assert_trees_close, init_params
 
 BATCH, DIM, LENGTH, VOCAB, NEGATIVES = 16, 8, 6, 11, 2
 
@@ -89,7 +88,7 @@ def test_each_term_is_its_loss_and_the_same_per_device():
     per_device = jax.jit(jax.shard_map(make_objective(spec, "data"), mesh=mesh,
                                        in_specs=(sharded, P("data"), P()), out_specs=P()))
     total_8, terms_8 = per_device(out, batch, key)
-    assert_trees_close((total_8, terms_8), (total, terms), rtol=2e-5)
+    assert_trees_close((total_8, terms_8), (total, terms), rtol=2e-5, atol_fraction=1e-6)
 
 
 def test_caption_labels_mark_identical_captions():
@@ -136,7 +135,7 @@ def test_the_step_embeds_hard_negatives_and_caches_their_gradients():
     mesh = parallel.make_mesh(8)
     loss_8, grads_8 = make_gradient_step(model, mesh, spec, micro_batches=2)(params, parallel.global_batch(batch, mesh))
     np.testing.assert_allclose(loss_8, loss_1, rtol=1e-5)
-    assert_trees_close(grads_8, grads_1)
+    assert_trees_close(grads_8, grads_1, rtol=1e-4, atol_fraction=1e-6)
     plain, _ = make_gradient_step(model, parallel.make_mesh(1), {"clip": {}})(params, batch)
     assert float(loss_1) > float(plain)  # the negatives add columns to image→text
     with pytest.raises(ValueError, match=r"need batch field\(s\) \['negative_tokens'\].*negative_kinds"):

@@ -1,6 +1,5 @@
 """Input sources and the resumable pipeline, on data the tests make themselves."""
 
-import csv
 import io
 import os
 import tarfile
@@ -8,41 +7,12 @@ import tarfile
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
+from helpers import CORRUPT, EMPTY_CAPTION, NUM_EXAMPLES, example, png
 from jclip import parallel
 from jclip.data import pipeline, preprocess, prompts
 from jclip.data.sources import build_source, csv_source, tar_source, tfds_source
 from jclip.data.bpe_tokenizer import Tokenizer
-
-NUM_EXAMPLES = 24
-CORRUPT = {3, 10}  # not images
-EMPTY_CAPTION = {7}
-
-
-def png(value: int, size: int = 12) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((size, size + 4, 3), value, np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def example(i: int) -> tuple[bytes, str]:
-    image = b"not an image" if i in CORRUPT else png(10 * i)
-    return image, "" if i in EMPTY_CAPTION else f"picture number {i}"
-
-
-@pytest.fixture(scope="module")
-def csv_file(tmp_path_factory):
-    root = tmp_path_factory.mktemp("csv")
-    with open(root / "pairs.tsv", "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(["filepath", "title"])
-        for i in range(NUM_EXAMPLES):
-            image, caption = example(i)
-            (root / f"{i}.png").write_bytes(image)
-            writer.writerow([f"{i}.png", caption])
-        writer.writerow(["missing.png", "a file that does not exist"])
-    return str(root / "pairs.tsv")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +129,7 @@ def test_preprocessing_spec_errors_name_the_op():
 
 
 def test_preprocessing_stages_give_the_images_of_the_whole_spec():
-    images = [tf.constant(png(value, size=10 + value // 40)) for value in (0, 60, 200)]
+    images = [tf.constant(png(value, 10 + value // 40, 14 + value // 40)) for value in (0, 60, 200)]
     seeds = [tf.constant([3, i], tf.int64) for i in range(len(images))]
     for spec, names in (("decode|resize(8)|value_range(-1, 1)", (["decode", "resize"], [], ["value_range"])),
                         ("decode|inception_crop(8, 0.5)|flip_lr|clip_normalize",

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import sentencepiece
 
+from helpers import CAPTIONS
 from jclip.data.sentencepiece_tokenizer import SentencePieceTokenizer
-from test_tokenizer import CAPTIONS
 
 VOCAB_SIZE = 40
 

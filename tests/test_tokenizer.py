@@ -5,15 +5,8 @@ import os
 import numpy as np
 import pytest
 
+from helpers import CAPTIONS
 from jclip.data.bpe_tokenizer import Tokenizer
-
-CAPTIONS = [
-    "a small red circle",
-    "a large blue star to the left of a small white cross",
-    "a small orange triangle above a large purple square",
-    "a large green cross below a small yellow circle",
-    "a large white square to the right of a small red star",
-]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from ml_collections import ConfigDict
 
 from batches import random_batch
 from conftest import REPO, load_config
+from helpers import assert_trees_close, assert_trees_equal, cli, init_params, read_metrics, saved_config
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer, ModelMismatchError
 from jclip.data import pipeline
@@ -26,13 +27,12 @@ from jclip.train.optimizer import build_optimizer, learning_rate_schedule, weigh
 from jclip.train.profiling import parse_step_range
 from jclip.train.state import state_layout
 from jclip.train.step import make_gradient_step
-from test_pipeline import csv_file  # noqa: F401 (a fixture: image–caption pairs, 4 of 25 unusable)
 
 
 def test_sharded_gradients_equal_single_device_gradients():
     model = models.create("test-micro")
     batch = random_batch(16)
-    params = model.init(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
+    params = init_params(model, batch)
     results = {}
     for devices in (1, 2, 8):
         mesh = parallel.make_mesh(devices)
@@ -43,23 +43,21 @@ def test_sharded_gradients_equal_single_device_gradients():
     for devices in (2, 8):
         loss_n, grads_n = results[devices]
         np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5)
-        largest = max(np.abs(g).max() for g in jax.tree.leaves(grads_1))
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * largest), grads_n, grads_1)
+        assert_trees_close(grads_n, grads_1, rtol=1e-4, atol_fraction=1e-6)
     assert abs(float(grads_1["logit_scale"])) > 0
 
 
 def test_gradient_caching_equals_the_full_batch_gradient():
     model = models.create("test-micro")
     batch = random_batch(32)
-    params = model.init(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
+    params = init_params(model, batch)
     full_loss, full_grads = jax.device_get(make_gradient_step(model, parallel.make_mesh(1))(params, batch))
-    largest = max(np.abs(g).max() for g in jax.tree.leaves(full_grads))
     for devices, micro_batches in ((1, 4), (8, 2)):
         mesh = parallel.make_mesh(devices)
         step = make_gradient_step(model, mesh, micro_batches=micro_batches)
         loss, grads = jax.device_get(step(params, parallel.global_batch(batch, mesh)))
         np.testing.assert_allclose(loss, full_loss, rtol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * largest), grads, full_grads)
+        assert_trees_close(grads, full_grads, rtol=1e-4, atol_fraction=1e-6)
     assert abs(float(full_grads["logit_scale"])) > 0
 
 
@@ -71,11 +69,6 @@ def test_weight_decay_skips_biases_norms_scale_and_position_embeddings():
     assert mask["image_tower"]["proj"]["kernel"] and mask["text_tower"]["token_embedding"]["embedding"]
     assert not mask["logit_scale"] and not mask["image_tower"]["pos_embedding"]
     assert not mask["image_tower"]["cls_token"] and not mask["text_tower"]["ln_final"]["scale"]
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_short_run_lowers_loss_and_evaluates(tiny_config, tmp_path):
@@ -112,10 +105,6 @@ def restore_params(config, workdir):
     layout = state_layout(model, build_optimizer(config), (64, 64, 3), config.data.text_length, mesh)
     state, record = Checkpointer(workdir, config.model.to_dict(), save_every=1).restore(layout.abstract)
     return state, record
-
-
-def assert_trees_equal(a, b):
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
 def test_checkpoint_restores_identical_state(tiny_config, tmp_path):
@@ -186,18 +175,6 @@ def test_checkpoint_of_another_model_is_refused(tiny_config, tmp_path):
     tiny_config.model.text.depth = 2
     with pytest.raises(ModelMismatchError, match=r"text.depth: checkpoint has 1, config has 2"):
         train(tiny_config, workdir)
-
-
-def saved_config(workdir) -> ConfigDict:
-    """The config a run wrote beside its checkpoints."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ConfigDict(json.load(f))
-
-
-def cli(*args, **kwargs):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "jclip.train", "--config", "configs/shapes_tiny.py", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 def test_unknown_config_key_is_one_clear_line(tmp_path):
@@ -295,8 +272,7 @@ def test_optimizers_freeze_groups_and_scale_rates(name):
     assert all(np.abs(u).max() == 0 for u in jax.tree.leaves(updates["image_tower"]))
     assert updates["logit_scale"] == 0 != plain["logit_scale"]
     assert all(np.abs(u).max() > 0 for u in jax.tree.leaves(plain["text_tower"]))
-    jax.tree.map(lambda half, full: np.testing.assert_allclose(half, full / 2, rtol=1e-5), updates["text_tower"],
-                 plain["text_tower"])
+    assert_trees_close(updates["text_tower"], jax.tree.map(lambda full: full / 2, plain["text_tower"]), rtol=1e-5)
     config.optimizer.frozen = ("vision_tower",)
     with pytest.raises(ValueError, match=r"unknown parameter groups \['vision_tower'\]"):
         build_optimizer(config).init(params)

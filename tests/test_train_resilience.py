@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from helpers import CORRUPT, EMPTY_CAPTION, assert_trees_equal, cli, read_metrics, saved_config
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer, load_model
 from jclip.data import pipeline
@@ -21,8 +22,6 @@ from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate.from_checkpoint import make_evaluator
 from jclip.train.loop import train, train_state_layout
 from jclip.train.optimizer import build_optimizer
-from test_pipeline import CORRUPT, EMPTY_CAPTION, csv_file  # noqa: F401 (csv_file: a fixture)
-from test_train import assert_trees_equal, cli, read_metrics, saved_config
 
 
 def poison_batch(monkeypatch, at_call: int):
