@@ -23,9 +23,9 @@ from PIL import Image
 
 from jclip import parallel
 from jclip.data import pipeline
+from jclip.data.bpe_tokenizer import Tokenizer
 from jclip.data.sources import tar_source, tfds_source
 from jclip.data.to_tfds import convert
-from jclip.data.bpe_tokenizer import Tokenizer
 from timing import seconds_per_step
 
 WORDS = ("a photo of the small red large blue dog cat tree house on in with next to under a bright sunny day "

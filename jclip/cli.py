@@ -60,14 +60,16 @@ def require(name: str) -> None:
 
 
 def model_from_command_line(config: ConfigDict, overrides: Mapping[str, Any], config_file: str) -> None:
-    """With `model_name` among the command line's `overrides`, make `config.model` that model's configuration
-    with the `model.*` overrides on top. A config file that customises its own model (fields of `config.model`
-    other than its `model_name`'s) contradicts another name: that stops, naming the fields."""
+    """With another `model_name` among the command line's `overrides`, make `config.model` that model's
+    configuration with the `model.*` overrides on top. A config file that customises its own model (fields of
+    `config.model` other than its `model_name`'s) contradicts another name: that stops, naming the fields."""
     if "model_name" not in overrides:
         return
     from jclip import models
 
     written = load_config_file(config_file)
+    if config.model_name == written.model_name:
+        return  # the file's own model, its --config.model.* overrides already applied
     customised = [path for path, *_ in models.config_differences(written.model.to_dict(),
                                                                   models.model_config(written.model_name))]
     if customised:

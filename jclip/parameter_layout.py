@@ -36,20 +36,23 @@ def parameter_shapes(model: nn.Module, image_shape: tuple[int, ...], text_length
 
 
 def parameter_specs(model: nn.Module, parameter_sharding: str, mesh: Optional[Mesh], image_shape: tuple[int, ...],
-                    text_length: int) -> Any:
-    """The PartitionSpec of every parameter under `parameter_sharding` ("replicated", or "fsdp", which needs `mesh`)."""
+                    text_length: int, shapes: Any = None) -> Any:
+    """The PartitionSpec of every parameter under `parameter_sharding` ("replicated", or "fsdp", which needs `mesh`).
+    `shapes`: the `parameter_shapes`, when the caller has them already."""
     if parameter_sharding == "fsdp":
         return fsdp_param_specs(model.clone(logical_axes=True), mesh, *example_inputs(image_shape, text_length))
     if parameter_sharding == "replicated":
-        return jax.tree.map(lambda _: P(), parameter_shapes(model, image_shape, text_length))
+        shapes = parameter_shapes(model, image_shape, text_length) if shapes is None else shapes
+        return jax.tree.map(lambda _: P(), shapes)
     raise ValueError(f"unknown parameter_sharding {parameter_sharding!r}; use one of {PARAMETER_SHARDINGS}")
 
 
 def abstract_params(model: nn.Module, parameter_sharding: str, mesh: Mesh, image_shape: tuple[int, ...],
                     text_length: int) -> Any:
     """Shapes, dtypes and shardings of the model's parameters laid out by `parameter_sharding`."""
-    return with_shardings(parameter_shapes(model, image_shape, text_length),
-                          named(parameter_specs(model, parameter_sharding, mesh, image_shape, text_length), mesh))
+    shapes = parameter_shapes(model, image_shape, text_length)
+    specs = parameter_specs(model, parameter_sharding, mesh, image_shape, text_length, shapes)
+    return with_shardings(shapes, named(specs, mesh))
 
 
 def named(specs: Any, mesh: Mesh) -> Any:

@@ -7,8 +7,8 @@ import tensorflow as tf
 from helpers import png
 from jclip import parallel
 from jclip.data import in_memory, pipeline
-from jclip.data.sources import Source
 from jclip.data.bpe_tokenizer import Tokenizer
+from jclip.data.sources import Source
 
 
 def small_source(name: str, numbers, captions_per_example: int = 1, corrupt=(), blank=(), sizes=None) -> Source:
@@ -42,10 +42,10 @@ def number(tokenizer, tokens) -> int:
 def test_table_batches_equal_the_per_visit_batches(tokenizer, monkeypatch):
     sources = [(small_source("a", range(0, 60, 3)), 1.0), (small_source("b", range(100, 190, 5)), 2.0)]
     from_table = stream(sources, tokenizer)
-    assert from_table._table is not None
+    assert isinstance(from_table._source, in_memory.TableBatches)
     monkeypatch.setattr(in_memory, "DECODED_IN_MEMORY_BYTES", 0)  # too big: read and decoded per visit
     per_visit = stream(sources, tokenizer)
-    assert per_visit._table is None
+    assert isinstance(per_visit._source, pipeline.PerVisitBatches)
     for a, b in zip(take(from_table, 12), take(per_visit, 12)):  # several epochs of both sources
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["tokens"], b["tokens"])  # one caption each: no sampling to differ

@@ -11,8 +11,8 @@ import tensorflow as tf
 from helpers import CORRUPT, EMPTY_CAPTION, NUM_EXAMPLES, example, png
 from jclip import parallel
 from jclip.data import pipeline, preprocess, prompts
-from jclip.data.sources import build_source, csv_source, tar_source, tfds_source
 from jclip.data.bpe_tokenizer import Tokenizer
+from jclip.data.sources import build_source, csv_source, tar_source, tfds_source
 
 
 @pytest.fixture(scope="module")

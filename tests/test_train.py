@@ -195,6 +195,12 @@ def test_a_config_file_that_customises_its_model_refuses_another_model_name(tmp_
                              text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert process.returncode != 0 and "Traceback" not in process.stderr, process.stderr
     assert "customises config.model (embed_dim)" in process.stderr and "--config.model.FIELD=VALUE" in process.stderr
+    # Naming the file's own model again changes nothing: its customisation and the overrides stay.
+    from jclip.cli import load_config_file, model_from_command_line
+
+    config = load_config_file(config_file)
+    model_from_command_line(config, {"model_name": "shapes-tiny"}, str(config_file))
+    assert config.model.embed_dim == 256
 
 
 def test_sigterm_saves_and_rerun_resumes(tiny_config, tmp_path, capsys):

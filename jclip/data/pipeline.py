@@ -139,13 +139,13 @@ class TrainInput:
         once, per_image, per_batch = preprocess.stages(image_preprocess)
         common = dict(local_batch=batch_size // jax.process_count(), text_length=text_length, seed=seed,
                       shuffle_buffer=shuffle_buffer, start=start_position)
-        self._table = in_memory.load_table([source for source, _ in sources], preprocess.compose(once),
-                                           input_options()) if once else None
+        table = in_memory.load_table([source for source, _ in sources], preprocess.compose(once),
+                                     input_options()) if once else None
         self._source: BatchSource
-        if self._table is None:
+        if table is None:
             self._source = PerVisitBatches(sources, tokenizer, image_op=preprocess.compose(once + per_image), **common)
         else:
-            self._source = in_memory.TableBatches(self._table, [weight for _, weight in sources], tokenizer,
+            self._source = in_memory.TableBatches(table, [weight for _, weight in sources], tokenizer,
                                                   per_image=per_image, **common)
         self.left_out = self._source.left_out
         per_batch = preprocess.compose(per_batch)

@@ -3,9 +3,9 @@
 from typing import Optional
 
 from jclip.data import shapes
+from jclip.data.bpe_tokenizer import Tokenizer
 from jclip.data.clip_tokenizer import ClipTokenizer
 from jclip.data.sentencepiece_tokenizer import SentencePieceTokenizer
-from jclip.data.bpe_tokenizer import Tokenizer
 
 
 def load_tokenizer(name: str, data_dir: Optional[str] = None):

@@ -45,14 +45,13 @@ def over_batch_axes(*, batch, replicated=(), sharded_output=False):
             layout = _batch_layout([arrays[name] for name in batch if name in arrays])
             if layout is None:
                 return loss(**arguments)
-            mesh, axis = layout
+            mesh, axis, explicit = layout
             options = {name: value for name, value in arguments.items() if name not in (*arrays, "axis_name")}
             # Input errors name the global shapes the caller passed, not the per-device ones (checked
             # as on one device, where a ring is no ring).
             whole = {**options, "ring": False} if "ring" in options else options
             jax.eval_shape(lambda values: loss(**whole, **values), jax.tree.map(_abstract, arrays))
             specs = {name: P(axis) if name in batch else P() for name in arrays}
-            explicit = any(kind == AxisType.Explicit for kind in mesh.axis_types)
             values = {name: _place(arrays[name], NamedSharding(mesh, specs[name]), explicit) for name in arrays}
             per_device = jax.shard_map(
                 lambda values: loss(**options, **values, axis_name=axis), mesh=mesh, in_specs=(specs,),
@@ -66,17 +65,17 @@ def over_batch_axes(*, batch, replicated=(), sharded_output=False):
 
 
 def _batch_layout(batch_arrays):
-    """(mesh, batch axis name or tuple of names) to run per device over, or None to run as they are."""
-    if not batch_arrays:
-        return None
+    """(mesh, batch axis name or tuple of names, whether the mesh is explicit) to run per device over, or None
+    to run on the arrays as they are."""
     types = [jax.typeof(x) for x in batch_arrays]
-    if len({t.shape[:1] for t in types}) != 1 or not types[0].shape:
-        return None  # the loss's own checks explain the mismatch
+    if not types or len({t.shape[:1] for t in types}) != 1 or not types[0].shape:
+        return None  # the loss's own checks explain a mismatch
     mesh = types[0].sharding.mesh
     if mesh.empty or AxisType.Manual in mesh.axis_types:
         return None
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    if any(kind == AxisType.Explicit for kind in mesh.axis_types):
+    explicit = AxisType.Explicit in mesh.axis_types
+    if explicit:
         axes = next((t.sharding.spec[0] for t in types if t.sharding.spec and t.sharding.spec[0] is not None), None)
         axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     else:
@@ -84,7 +83,7 @@ def _batch_layout(batch_arrays):
     devices = math.prod(sizes[name] for name in axes)
     if devices == 1 or types[0].shape[0] % devices:
         return None
-    return mesh, axes[0] if len(axes) == 1 else axes
+    return mesh, axes[0] if len(axes) == 1 else axes, explicit
 
 
 def _abstract(x):

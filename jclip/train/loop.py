@@ -20,8 +20,8 @@ from tqdm import tqdm
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer, read_params
 from jclip.data import pipeline
-from jclip.data.sources import build_source
 from jclip.data.bpe_tokenizer import Tokenizer
+from jclip.data.sources import build_source
 from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate.from_checkpoint import make_evaluator
 from jclip.evaluate.report import flatten, write_report

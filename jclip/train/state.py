@@ -50,11 +50,12 @@ class StateLayout(NamedTuple):
 
 
 def state_layout(model: nn.Module, optimizer: optax.GradientTransformation, image_shape: tuple[int, ...],
-                 text_length: int, mesh: Mesh, parameter_sharding: str = "replicated", ema: bool = False) -> StateLayout:
+                 text_length: int, mesh: Mesh, parameter_sharding: str = "replicated",
+                 ema: bool = False) -> StateLayout:
     """The layout of the state of `model` trained by `optimizer`, parameters laid out by `parameter_sharding`
     ("replicated" or "fsdp"), with an EMA of the parameters if `ema`."""
     params = parameter_shapes(model, image_shape, text_length)
-    param_specs = parameter_specs(model, parameter_sharding, mesh, image_shape, text_length)
+    param_specs = parameter_specs(model, parameter_sharding, mesh, image_shape, text_length, params)
     opt_state = jax.eval_shape(optimizer.init, params)
     specs = TrainState(step=P(), params=param_specs, opt_state=_follow_parameters(opt_state, params, param_specs),
                        ema_params=param_specs if ema else None)
