@@ -33,7 +33,6 @@ from jclip.cli import load_config_file
 from jclip.data import pipeline, shapes
 from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate.from_checkpoint import make_evaluator
-from jclip.evaluate.tasks import EVALUATION_PREPROCESS
 from jclip.losses import embedding_geometry
 from jclip.train.loop import evaluation_params, train
 
@@ -73,7 +72,7 @@ def test_geometry(config, model, params) -> dict:
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.data_dir)
     evaluator = make_evaluator(config, model, params, tokenizer, parallel.make_mesh())
     data = pipeline.load_split(shapes.prepare(config.evaluate.shapes_config, config.data.data_dir), "test",
-                               EVALUATION_PREPROCESS)
+                               evaluator.preprocess)
     zimg = evaluator.embed_array(data["image"])
     ztxt = evaluator.embed_texts([c.decode() if isinstance(c, bytes) else str(c) for c in data["caption"]])
     return {k: float(v) for k, v in embedding_geometry(jnp.asarray(zimg), jnp.asarray(ztxt)).items()}

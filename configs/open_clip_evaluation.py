@@ -6,19 +6,17 @@
 
 The datasets must be prepared in tfds's data dir (ImageNet needs its manual download); the
 tasks read them like OpenCLIP's benchmark does: CLIP's class names and template sets, images
-resized on the short side, centre-cropped and normalised with OpenAI's mean and deviation.
+resized on the short side (PIL's bicubic), centre-cropped and normalised with OpenAI's mean and
+deviation: OpenCLIP's evaluation transform, pixel for pixel.
 """
 
 import ml_collections
 
 from jclip.models import model_config
 
-PREPROCESS = "decode|resize_small(224)|center_crop(224)|clip_normalize"
-
-
 def zero_shot(dataset: str, split: str, templates: str, class_names: str = "dataset", **options) -> dict:
     return dict(kind="zero_shot", dataset=dataset, split=split, templates=templates, class_names=class_names,
-                preprocess=PREPROCESS, **options)
+                **options)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.evaluate = ml_collections.ConfigDict()
     config.evaluate.batch_size = 256
+    config.evaluate.preprocess = "decode|resize_small(224, 'bicubic')|center_crop(224)|clip_normalize"
     config.evaluate.tasks = ml_collections.ConfigDict()
     tasks = config.evaluate.tasks
     tasks.imagenet = zero_shot("imagenet2012", "validation", "openai_imagenet", "imagenet")
@@ -44,9 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     tasks.imagenet_r = zero_shot("imagenet_r", "test", "openai_imagenet", "imagenet", classes="present")
     tasks.cifar10 = zero_shot("cifar10", "test", "cifar")
     tasks.cifar100 = zero_shot("cifar100", "test", "cifar")
-    tasks.coco = dict(kind="retrieval", preprocess=PREPROCESS,
+    tasks.coco = dict(kind="retrieval",
                       source=dict(kind="tfds", name="coco_captions", split="test", caption_key="captions/text"))
-    tasks.coco_compositionality = dict(kind="compositionality", preprocess=PREPROCESS, kinds=("swap_words",
+    tasks.coco_compositionality = dict(kind="compositionality", kinds=("swap_words",
                                        "shuffle_trigrams"), source=tasks.coco.source.to_dict())
-    tasks.cifar10_probe = dict(kind="linear_probe", dataset="cifar10", preprocess=PREPROCESS)
+    tasks.cifar10_probe = dict(kind="linear_probe", dataset="cifar10")
     return config

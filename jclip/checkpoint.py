@@ -156,6 +156,17 @@ def read_params(run_directory: str, target: Any, step: Optional[int] = None) -> 
         checkpointer.close()
 
 
+def read_record(run_directory: str, step: Optional[int] = None) -> dict:
+    """The JSON record of a run's checkpoint at `step` (default: latest): its model, step, data position."""
+    if not os.path.isdir(os.path.join(run_directory, "checkpoints")):
+        raise FileNotFoundError(f"no checkpoints in {run_directory}")
+    checkpointer = Checkpointer(run_directory, {}, save_every=1)
+    try:
+        return checkpointer.read_record(step)
+    finally:
+        checkpointer.close()
+
+
 def locate(workdir: Optional[str], checkpoint: Optional[str], step: Optional[int]) -> tuple[str, Optional[int]]:
     """(run directory, step) of a checkpoint given as a run directory (`workdir`, its latest or `step`) or
     as a path (`checkpoint`: `RUN/checkpoints/STEP`, or a run directory)."""
@@ -180,25 +191,20 @@ def load_model(config: ConfigDict, run_directory: str, step: Optional[int], mesh
     its EMA parameters when it has them, laid out for `config.parameter_sharding` over `mesh`.
 
     The config supplies the data shapes (image size, text length), which the parameters must fit, and
-    the tokenizer must not have more tokens than the model.
+    the tokenizer (if any) must not have more tokens than the model.
     """
-    if not os.path.isdir(os.path.join(run_directory, "checkpoints")):
-        raise FileNotFoundError(f"no checkpoints in {run_directory}")
-    checkpointer = Checkpointer(run_directory, {}, save_every=1)
-    try:
-        record = checkpointer.read_record(step)
-    finally:
-        checkpointer.close()
+    record = read_record(run_directory, step)
     model_config = ConfigDict(record["model"])
     if verbose and model_config.to_dict() != config.model.to_dict():
         print(f"Using the checkpoint's own model ({record['model']}), not config.model.")
     model = models.model_class(model_config)(**model_config)
-    if tokenizer.vocab_size > model_config.text.vocab_size:
+    if tokenizer is not None and tokenizer.vocab_size > model_config.text.vocab_size:
         raise ValueError(f"the tokenizer {config.data.tokenizer!r} has {tokenizer.vocab_size} tokens, more than "
                          f"the checkpoint's model ({model_config.text.vocab_size}); set config.data.tokenizer to "
                          "its own")
     image_shape = (config.data.image_size, config.data.image_size, 3)
-    target = abstract_params(model, config.parameter_sharding, mesh, image_shape, config.data.text_length)
+    target = abstract_params(model, config.get("parameter_sharding", "replicated"), mesh, image_shape,
+                             config.data.text_length)
     try:
         params, record = read_params(run_directory, target, step)
     except ValueError as error:

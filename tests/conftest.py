@@ -74,8 +74,7 @@ def csv_file(tmp_path_factory) -> str:
     return str(root / "pairs.tsv")
 
 
-@pytest.fixture
-def tiny_config(shapes_data_dir):
+def shrunk_demo_config(shapes_data_dir: str):
     """The demo config shrunk to the `tiny` dataset and the `test-micro` model: seconds per run."""
     from jclip.models import model_config
 
@@ -94,3 +93,9 @@ def tiny_config(shapes_data_dir):
     config.evaluate.shapes_config = "tiny"
     config.evaluate.batch_size = 64
     return config
+
+
+@pytest.fixture
+def tiny_config(shapes_data_dir):
+    """`shrunk_demo_config`, fresh for each test."""
+    return shrunk_demo_config(shapes_data_dir)

@@ -23,4 +23,5 @@ def micro_evaluator(data_dir: str, mesh, batch_size: int = 48) -> Evaluator:
     """The `test-micro` model, randomly initialised with seed 0; 48 does not divide the 256 test images."""
     model = models.create("test-micro")
     params = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32), np.zeros((1, 16), np.int32))["params"]
-    return Evaluator(model, params, load_tokenizer("shapes/tiny", data_dir), mesh, batch_size, 64, 16, data_dir)
+    return Evaluator(model, params, load_tokenizer("shapes/tiny", data_dir), mesh, batch_size, 64, 16,
+                     "decode|value_range(-1, 1)", data_dir)

@@ -15,7 +15,7 @@ LAYERS = (
     {"jclip.parameter_layout"},
     {"jclip.checkpoint"},
     {"jclip.convert", "jclip.evaluate"},
-    {"jclip.train"},
+    {"jclip.train", "jclip.loaded_model"},  # jclip.load: evaluation without training
     {"jclip.cli", "jclip"},
 )
 ONLY_ITSELF = {"jclip.losses"}  # pure functions of arrays: JAX and nothing else of jclip

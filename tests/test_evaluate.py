@@ -22,7 +22,7 @@ from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate.embed import embed_all
 from jclip.evaluate.from_checkpoint import evaluate_checkpoint
 from jclip.evaluate.retrieval import recall_at_k
-from jclip.evaluate.tasks import EVALUATION_PREPROCESS, Evaluator, run_tasks, select_tasks
+from jclip.evaluate.tasks import Evaluator, run_tasks, select_tasks
 from jclip.evaluate.zero_shot import classify_by_prompts
 
 
@@ -103,7 +103,7 @@ def test_retrieval_with_several_captions_per_image(shapes_data_dir):
     owner = np.repeat(np.arange(12), [len(c) for c in captions])
     assert metrics["num_images"] == 12 and metrics["num_captions"] == len(owner) == 24
 
-    decode = preprocess.parse(EVALUATION_PREPROCESS)
+    decode = preprocess.parse(evaluator.preprocess)
     images = evaluator.embed_array(np.stack([decode(p, tf.constant([0, 0], tf.int64)) for p in pictures]))
     similarity = images @ evaluator.embed_texts([c for per_image in captions for c in per_image]).T
     own = similarity[owner, np.arange(len(owner))]  # each caption with its image
@@ -204,8 +204,9 @@ def test_converted_open_clip_makes_open_clips_zero_shot_predictions(tmp_path):
 
     model = models.create("ViT-B-32")
     evaluator = Evaluator(model, from_open_clip(reference.state_dict(), "ViT-B-32"), load_tokenizer("clip"),
-                          parallel.make_mesh(8), batch_size=8, image_size=224, text_length=77)
-    task = dict(kind="zero_shot", dataset=builder.data_dir, templates="simple", preprocess="decode|clip_normalize")
+                          parallel.make_mesh(8), batch_size=8, image_size=224, text_length=77,
+                          preprocess="decode|clip_normalize")
+    task = dict(kind="zero_shot", dataset=builder.data_dir, templates="simple")
     result = run_tasks(evaluator, {"mock": task})["mock"]
     np.testing.assert_allclose(result.outputs["scores"], want, atol=2e-4)
     np.testing.assert_array_equal(result.outputs["predictions"], want.argmax(axis=1))

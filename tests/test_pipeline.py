@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from helpers import CORRUPT, EMPTY_CAPTION, NUM_EXAMPLES, example, png
 from jclip import parallel
@@ -126,6 +127,37 @@ def test_preprocessing_spec_errors_name_the_op():
         preprocess.parse("decode|blur(3)")
     with pytest.raises(ValueError, match="bad arguments for preprocessing op 'resize"):
         preprocess.parse("decode|resize(8, 8, 8)")
+
+
+def test_resizes_and_crops_follow_torchvision():
+    """`resize_small` makes the longer side int(size * long / short) and `center_crop` rounds its offsets half to
+    even, as torchvision's Resize and CenterCrop (OpenCLIP's evaluation transform); `"bicubic"` is PIL's resize."""
+    rng = np.random.default_rng(0)
+    for height, width in ((300, 451), (227, 301), (100, 333), (64, 64), (65, 48)):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        short, long = sorted((height, width))
+        resized_long = int(64 * long / short)
+        want_size = (64, resized_long) if height <= width else (resized_long, 64)
+        for method in ("bilinear", "bicubic"):
+            resized = preprocess.parse(f"resize_small(64, {method!r})")(tf.constant(image), None).numpy()
+            assert resized.shape[:2] == want_size, (height, width, method)
+        pil = np.asarray(Image.fromarray(image).resize(want_size[::-1], Image.BICUBIC))
+        np.testing.assert_array_equal(preprocess.parse("resize_small(64, 'bicubic')")(tf.constant(image), None), pil)
+        top, left = (int(round((size - 48) / 2.0)) for size in want_size)
+        cropped = preprocess.parse("resize_small(64, 'bicubic')|center_crop(48)")(tf.constant(image), None)
+        np.testing.assert_array_equal(cropped, pil[top:top + 48, left:left + 48])
+    with pytest.raises(ValueError, match="resize method 'nearest'"):
+        preprocess.parse("resize_small(64, 'nearest')")
+    with pytest.raises(ValueError, match="takes uint8 images"):
+        preprocess.parse("value_range(0, 1)|resize(8, 'bicubic')")(tf.zeros([4, 4, 3], tf.uint8), None)
+
+
+def test_evaluation_preprocessing_follows_the_training_value_range():
+    assert (preprocess.evaluation_spec(224, "decode|inception_crop(224, 0.9, 1.0)|flip_lr|clip_normalize")
+            == "decode|resize_small(224)|center_crop(224)|clip_normalize")
+    assert (preprocess.evaluation_spec(64, "decode|value_range(-1, 1)")
+            == "decode|resize_small(64)|center_crop(64)|value_range(-1, 1)")
+    assert preprocess.evaluation_spec(32, "decode|resize(32)") == "decode|resize_small(32)|center_crop(32)"
 
 
 def test_preprocessing_stages_give_the_images_of_the_whole_spec():

@@ -240,6 +240,21 @@ def _nest(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
     return tree
 
 
+def data_settings(name: str) -> dict[str, Any]:
+    """The inputs OpenCLIP's model `name` takes, as jclip's data settings: `image_size`, `text_length`,
+    `tokenizer` (None for SigLIP, whose SentencePiece model OpenCLIP downloads from the hub: give your
+    own `"sentencepiece:PATH"`) and `preprocess`, OpenCLIP's evaluation transform (PIL's bicubic resize of
+    the shorter side and a centre crop with OpenAI's normalisation; SigLIP squashes the image to the square
+    and scales it to [-1, 1])."""
+    config = models.model_config(name)
+    size = config["vision"]["image_size"]
+    siglip = "SigLIP" in name
+    preprocess = (f"decode|resize({size}, 'bicubic')|value_range(-1, 1)" if siglip
+                  else f"decode|resize_small({size}, 'bicubic')|center_crop({size})|clip_normalize")
+    return {"image_size": size, "text_length": config["text"]["context_length"],
+            "tokenizer": None if siglip else "clip", "preprocess": preprocess}
+
+
 def from_open_clip(state_dict: Mapping[str, Any], name: str, **overrides: Any) -> dict:
     """The jclip parameters of model `name` (see `jclip.models.list_models`) from a PyTorch state dict.
 

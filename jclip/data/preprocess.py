@@ -2,18 +2,26 @@
 
     "decode|resize_small(256)|center_crop(224)|value_range(-1, 1)"
     "decode|inception_crop(224, 0.4, 1.0)|flip_lr|clip_normalize"
+    "decode|resize_small(224, 'bicubic')|center_crop(224)|clip_normalize"   # OpenCLIP's evaluation transform
 
 Each op maps an image tensor to an image tensor; `decode` turns encoded
 bytes (PNG, JPEG, GIF, BMP) into uint8 [H, W, 3]. Random ops draw from a
 stateless seed per example, so the same (seed, example position) always gives
 the same crop: a resumed run preprocesses exactly as an uninterrupted one.
+
+Resizes are bilinear and antialiased (TensorFlow's) by default; `"bicubic"` is
+PIL's bicubic resize of uint8 images, which torchvision, and so OpenCLIP, applies
+to PIL images. `resize_small` and `center_crop` round sizes and offsets as
+torchvision does, so a spec can reproduce OpenCLIP's transform exactly.
 """
 
 import ast
 import re
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 # OpenAI CLIP's per-channel image statistics (on [0, 1] values).
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -28,33 +36,60 @@ def _decode(image, seed):
     return decoded
 
 
-def _resized(image, target):
-    """Bilinear, antialiased resize to `target` [height, width], keeping uint8 images uint8."""
+RESIZE_METHODS = ("bilinear", "bicubic")
+
+
+def _pil_bicubic(image: np.ndarray, height: np.ndarray, width: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((int(width), int(height)), Image.BICUBIC))
+
+
+def _resized(image, target, method="bilinear"):
+    """`image` resized to `target` [height, width], keeping uint8 images uint8: TensorFlow's antialiased
+    bilinear resize, or PIL's bicubic (uint8 images only)."""
+    if method == "bicubic":
+        if image.dtype != tf.uint8:
+            raise ValueError("the 'bicubic' resize (PIL's) takes uint8 images: put it before value_range / "
+                             "clip_normalize")
+        resized = tf.numpy_function(_pil_bicubic, [image, target[0], target[1]], tf.uint8, stateful=False)
+        resized.set_shape([None, None, 3])
+        return resized
     resized = tf.image.resize(image, target, antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8) if image.dtype == tf.uint8 else resized
 
 
-def _resize(size, width=None):
-    """Resize to exactly [size, width or size]."""
-    return lambda image, seed: _resized(image, [size, width or size])
+def _check_method(method):
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"resize method {method!r}; use one of {RESIZE_METHODS}")
 
 
-def _resize_small(size):
-    """Resize so that the shorter side is `size`, keeping the aspect ratio (OpenCLIP's Resize)."""
+def _resize(size, width=None, method="bilinear"):
+    """Resize to exactly [size, width or size] (`resize(224, 'bicubic')`: a square, keeping the width)."""
+    if isinstance(width, str):
+        width, method = None, width
+    _check_method(method)
+    return lambda image, seed: _resized(image, tf.constant([size, width or size]), method)
+
+
+def _resize_small(size, method="bilinear"):
+    """Resize so that the shorter side is `size`, keeping the aspect ratio: the longer side becomes
+    floor(size * long / short), as torchvision's (OpenCLIP's) Resize computes it."""
+    _check_method(method)
+
     def op(image, seed):
-        shape = tf.cast(tf.shape(image)[:2], tf.float32)
-        scale = size / tf.reduce_min(shape)
-        target = tf.cast(tf.round(shape * scale), tf.int32)
-        return _resized(image, tf.maximum(target, size))
+        shape = tf.shape(image)[:2]
+        short = tf.reduce_min(shape)
+        target = tf.where(shape == short, size, (size * shape) // short)
+        return _resized(image, target, method)
     return op
 
 
 def _center_crop(size, width=None):
+    """The central [size, width or size] window; offsets rounded half to even, as torchvision's CenterCrop."""
     def op(image, seed):
         height, target_width = size, width or size
         shape = tf.shape(image)
-        top = (shape[0] - height) // 2
-        left = (shape[1] - target_width) // 2
+        top = tf.cast(tf.round(tf.cast(shape[0] - height, tf.float32) / 2), tf.int32)
+        left = tf.cast(tf.round(tf.cast(shape[1] - target_width, tf.float32) / 2), tf.int32)
         return tf.image.crop_to_bounding_box(image, top, left, height, target_width)
     return op
 
@@ -142,6 +177,15 @@ def compose(ops: Ops) -> ImageOp:
 def parse(spec: str) -> ImageOp:
     """The composition of the ops in `spec` ("op|op(args)|..."), as one `(image, seed) -> image`."""
     return compose(parse_ops(spec))
+
+
+def evaluation_spec(image_size: int, training_spec: str) -> str:
+    """The evaluation preprocessing of a model trained with `training_spec` on `image_size` images: decode,
+    resize the shorter side to `image_size`, centre-crop it square, then the training spec's value range
+    or normalisation (its trailing per-pixel ops), so evaluation feeds the inputs training did."""
+    parts = [part.strip() for part in training_spec.split("|")]
+    value_ops = parts[len(parts) - len(stages(training_spec)[2]):]
+    return "|".join(["decode", f"resize_small({image_size})", f"center_crop({image_size})", *value_ops])
 
 
 def stages(spec: str) -> tuple[Ops, Ops, Ops]:

@@ -22,11 +22,14 @@ from jclip import parallel
 
 def embed_stream(encode: Callable, params, local_batches: Iterable[np.ndarray], local_count: int, batch_size: int,
                  mesh: Mesh, example: np.ndarray) -> np.ndarray:
-    """`encode(params, batch)` of this process's `local_count` examples and every other process's.
+    """`encode(params, batch)` of this process's examples and every other process's.
 
     `local_batches` yields this process's examples in chunks of at most
-    `batch_size / process_count` rows; `example` is one zero example (shape and
-    dtype of the padding). Returns [all examples, dim], process 0's rows first.
+    `batch_size / process_count` rows, at most `local_count` of them (fewer when it
+    skips some, e.g. unreadable images; a stream that must yield exactly
+    `local_count` checks that itself when it ends, as `LocalImages` does); `example`
+    is one zero example (shape and dtype of the padding). Returns [all examples,
+    dim], process 0's rows first.
     """
     parallel.check_batch_size(batch_size, mesh, what="config.evaluate.batch_size")
     sharding = parallel.batch_sharding(mesh)
@@ -56,10 +59,11 @@ def embed_stream(encode: Callable, params, local_batches: Iterable[np.ndarray], 
         real = global_keys[:, 1] >= 0
         outputs.append(np.asarray(embeddings)[real])
         keys.append(np.asarray(global_keys)[real])
-    if position != local_count:
-        raise ValueError(f"the evaluation data yielded {position} examples in {steps} batches, expected {local_count}")
-    if not outputs:
-        raise ValueError("nothing to embed: the evaluation set is empty")
+    rest = next(batches, None)  # the stream ends here (and checks what it yielded)
+    if position > local_count or (rest is not None and len(rest)):
+        raise ValueError(f"the evaluation data yielded more than the {local_count} examples expected")
+    if not any(len(output) for output in outputs):
+        raise ValueError("nothing to embed: the evaluation set is empty, or none of its images can be read")
     keys = np.concatenate(keys)
     return np.concatenate(outputs)[np.lexsort((keys[:, 1], keys[:, 0]))]
 

@@ -7,15 +7,25 @@ from ml_collections import ConfigDict
 
 from jclip import parallel
 from jclip.checkpoint import load_model, locate
+from jclip.data import preprocess
 from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate.report import write_report
 from jclip.evaluate.tasks import Evaluator, run_tasks, select_tasks
 
 
+def evaluation_preprocess(config: ConfigDict) -> str:
+    """The evaluation tasks' default preprocessing: `config.evaluate.preprocess` where set, else the model's,
+    derived from the training data settings (`preprocess.evaluation_spec`; a run's saved config may predate
+    the field, and an evaluation-only config may have no training preprocessing)."""
+    if config.evaluate.get("preprocess"):
+        return config.evaluate.preprocess
+    return preprocess.evaluation_spec(config.data.image_size, config.data.get("preprocess") or "decode")
+
+
 def make_evaluator(config: ConfigDict, model, params, tokenizer, mesh) -> Evaluator:
     """An `Evaluator` of `params` with the data settings and evaluation batch size of `config`."""
     return Evaluator(model, params, tokenizer, mesh, config.evaluate.batch_size, config.data.image_size,
-                     config.data.text_length, config.data.data_dir)
+                     config.data.text_length, evaluation_preprocess(config), config.data.data_dir)
 
 
 def evaluate_checkpoint(config: ConfigDict, workdir: Optional[str] = None, step: Optional[int] = None, *,

@@ -4,19 +4,27 @@ Each entry is `name: dict(kind=KIND, **options)`; the kinds and their options:
 
 - `shapes` (config, split, preprocess): the built-in shapes suite.
 - `zero_shot` (dataset, split, label_key, image_key, class_names, templates, preprocess, classes, where):
-  zero-shot classification of a tfds dataset by prompt ensembling; top-1/top-5 and mean per-class recall.
-  `class_names`: "dataset" (the label feature's names), "imagenet" (CLIP's ImageNet names) or a list;
+  zero-shot classification of labelled images by prompt ensembling; top-1/top-5 and mean per-class recall.
+  `dataset`: a tfds dataset's name or directory, `dict(kind="folder", path=DIR)` (a subfolder of images per
+  class) or `dict(kind="csv", path=FILE, image_column="filepath", label_column="label", image_root=None)`;
+  `{split}` in a path becomes the split (`jclip.data.labelled_images`); their unreadable images are
+  skipped and counted (`skipped_images`). `class_names`: "dataset" (the label feature's names, the folder
+  names, the CSV's label names), "imagenet" (CLIP's ImageNet names) or a list;
   `templates`: a set of `jclip.data.prompts.TEMPLATES` or a list; `classes="present"` restricts the
-  classifier to the classes present in the labels (ImageNet-A/-R's 200-class subsets); `where`
+  classifier to the classes present in the labels (ImageNet-A/-R's 200-class subsets); `where` (tfds)
   keeps the examples whose features have the given values, e.g. `{"num_objects": 1}`.
 - `retrieval` (source, preprocess, ks): image→text and text→image Recall@K on an image–text source
   (an entry like those of `config.data.sources`), with every caption of an image relevant to it.
 - `compositionality` (source, preprocess, attributes, kinds, seed): ARO-style true vs perturbed
   captions (`jclip.evaluate.compositionality`); `attributes="shapes"` names the shapes words.
-- `linear_probe` (dataset, train_split, test_split, label_key, image_key, preprocess, shots, l2_values,
-  seed, where): closed-form ridge probes on frozen image embeddings, few-shot and on the full train split.
+- `linear_probe` (dataset, train_split, test_split, label_key, image_key, class_names, preprocess, shots,
+  l2_values, seed, where): closed-form ridge probes on frozen image embeddings, few-shot and on the full train
+  split; `dataset` and `class_names` as for `zero_shot` (`path="/data/pets/{split}"` for split folders).
 
-Every task embeds with `Evaluator`, sharded over all devices and processes.
+Every task embeds with `Evaluator`, sharded over all devices and processes. A task's `preprocess` is by default
+the evaluator's, the model's evaluation preprocessing (`preprocess.evaluation_spec`: the shorter side resized to
+the model's image size, centre-cropped, the training value range or normalisation); `check_task_inputs` puts one
+image of each task through it before a training run starts.
 """
 
 import dataclasses
@@ -31,6 +39,7 @@ from jax.sharding import Mesh
 
 from jclip import parallel
 from jclip.data import prompts, shapes, sources
+from jclip.data.labelled_images import LabelledImages, read_labelled_images
 from jclip.data.negatives import KINDS
 from jclip.evaluate import plots
 from jclip.evaluate.classification import (mean_per_class_recall, per_class_accuracy, top_k_accuracy,
@@ -41,9 +50,6 @@ from jclip.evaluate.embed import embed_all, embed_stream
 from jclip.evaluate.linear_probe import DEFAULT_L2, probe_accuracy
 from jclip.evaluate.retrieval import recall_at_k
 from jclip.evaluate.shapes_benchmark import evaluate_shapes, format_table
-
-EVALUATION_PREPROCESS = "decode|value_range(-1, 1)"
-
 
 @dataclasses.dataclass
 class Evaluator:
@@ -56,12 +62,18 @@ class Evaluator:
     batch_size: int
     image_size: int
     text_length: int
+    preprocess: str  # the default evaluation preprocessing spec (`jclip.data.preprocess`)
     data_dir: Optional[str] = None
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """[len(texts), dim] normalised text embeddings, on every process."""
         encode = lambda params, tokens: self.model.apply({"params": params}, tokens, method=self.model.encode_text)
         return embed_all(encode, self.params, self.tokenizer(list(texts), self.text_length), self.batch_size, self.mesh)
+
+    def local_images(self, name: str, examples: tf.data.Dataset, count: int, preprocess: Optional[str],
+                     fields: Optional[Callable[[dict], dict]] = None, skip_unreadable: bool = False) -> LocalImages:
+        """`LocalImages` of `examples`, preprocessed with `preprocess` or by default with the evaluator's."""
+        return LocalImages(name, examples, count, preprocess or self.preprocess, fields, skip_unreadable)
 
     def embed_images(self, images: LocalImages) -> np.ndarray:
         """[examples of all processes, dim] normalised image embeddings, process 0's first, on every process."""
@@ -113,33 +125,24 @@ def _table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(["| metric | value |", "|---|---:|"] + metrics_table(metrics))
 
 
-def _labelled_images(evaluator: Evaluator, dataset: str, split: str, label_key: str, image_key: str,
-                     preprocess: str, where: Optional[Mapping[str, int]] = None):
-    """(builder, image embeddings, labels) of one split of a tfds classification dataset; with `where`,
-    only the examples whose features equal those values (e.g. `{"num_objects": 1}`)."""
-    builder = sources.tfds_builder(dataset, evaluator.data_dir)
-    examples, count = sources.read_tfds_slice(builder, split, image_key)
-    if where:
-        examples = examples.filter(
-            lambda ex: tf.reduce_all([tf.equal(sources.field(ex, k), v) for k, v in where.items()]))
-        count = int(examples.map(lambda ex: 0).reduce(0, lambda total, _: total + 1))
-    images = LocalImages(
-        f"{dataset}/{split}",
-        examples.map(lambda ex: {"image": sources.field(ex, image_key), "image_path": "",
-                                 "label": sources.field(ex, label_key)}),
-        count, preprocess, fields=lambda ex: {"label": ex["label"]},
-    )
+def _labelled_images(evaluator: Evaluator, data: LabelledImages, preprocess: Optional[str]):
+    """(image embeddings, labels, number of images skipped) of `data`'s examples in all processes. Images of
+    folder and CSV datasets that cannot be read or decoded are skipped, counted and named in a warning."""
+    images = evaluator.local_images(data.name, data.examples, data.num_examples, preprocess,
+                                    fields=lambda ex: {"label": ex["label"]}, skip_unreadable=data.image_files)
     embeddings = evaluator.embed_images(images)
     labels = parallel.gather_from_processes(np.asarray(images.fields.get("label", []), np.int64))
-    return builder, embeddings, labels
+    return embeddings, labels, images.gather_skipped()
 
 
-def zero_shot_task(evaluator: Evaluator, dataset: str, split: str = "test", label_key: str = "label",
+def zero_shot_task(evaluator: Evaluator, dataset, split: str = "test", label_key: str = "label",
                    image_key: str = "image", class_names="dataset", templates="simple",
-                   preprocess: str = EVALUATION_PREPROCESS, classes: str = "all", ks: Sequence[int] = (1, 5),
+                   preprocess: Optional[str] = None, classes: str = "all", ks: Sequence[int] = (1, 5),
                    where: Optional[Mapping[str, int]] = None):
-    builder, images, labels = _labelled_images(evaluator, dataset, split, label_key, image_key, preprocess, where)
-    names = sources.label_names(builder, label_key, class_names)
+    data = read_labelled_images(dataset, split, label_key=label_key, image_key=image_key, class_names=class_names,
+                                where=where, data_dir=evaluator.data_dir)
+    images, labels, skipped = _labelled_images(evaluator, data, preprocess)
+    names = data.class_names
     template_set = prompts.templates(templates)
     if classes not in ("all", "present"):
         raise ValueError(f"classes={classes!r}: use 'all' or 'present'")
@@ -150,23 +153,23 @@ def zero_shot_task(evaluator: Evaluator, dataset: str, split: str = "test", labe
     predictions = scores.argmax(axis=1)
     per_class = per_class_accuracy(predictions, targets, len(used))
     metrics = {
-        "dataset": dataset, "split": split, "num_examples": int(len(labels)), "num_classes": int(len(used)),
-        "num_templates": len(template_set),
+        "dataset": dataset, "split": split, "num_examples": int(len(labels)), "skipped_images": skipped,
+        "num_classes": int(len(used)), "num_templates": len(template_set),
         **{f"top{k}": v for k, v in top_k_accuracy(scores, targets, ks).items()},
         "mean_per_class_recall": mean_per_class_recall(predictions, targets, len(used)),
         "per_class_accuracy": {names[c]: (None if np.isnan(a) else float(a)) for c, a in zip(used, per_class)},
     }
-    title = f"Zero-shot accuracy per class, {dataset}/{split} (top-1 {100 * metrics['top1']:.1f} %)"
+    title = f"Zero-shot accuracy per class, {data.name} (top-1 {100 * metrics['top1']:.1f} %)"
     return TaskResult(metrics, _table(metrics),
                       lambda path: plots.per_class_bars(path, [names[c] for c in used], per_class, title),
                       outputs={"predictions": used[predictions], "labels": labels, "scores": scores})
 
 
-def _captioned_images(evaluator: Evaluator, source: Mapping[str, Any], preprocess: str):
+def _captioned_images(evaluator: Evaluator, source: Mapping[str, Any], preprocess: Optional[str]):
     """(image embeddings, captions per image) of an image–text source, all processes' examples."""
     local, _ = sources.build_source(source, evaluator.data_dir)
-    images = LocalImages(local.name, local.examples, local.num_examples, preprocess,
-                         fields=lambda ex: {"captions": ex["captions"]})
+    images = evaluator.local_images(local.name, local.examples, local.num_examples, preprocess,
+                                    fields=lambda ex: {"captions": ex["captions"]})
     embeddings = evaluator.embed_images(images)
     local_captions = [[c.decode("utf-8").strip() for c in captions] for captions in images.fields.get("captions", [])]
     local_captions = [[c for c in captions if c] for captions in local_captions]
@@ -176,7 +179,7 @@ def _captioned_images(evaluator: Evaluator, source: Mapping[str, Any], preproces
     return embeddings, [flat[end - count:end] for count, end in zip(counts, ends)]
 
 
-def retrieval_task(evaluator: Evaluator, source: Mapping[str, Any], preprocess: str = EVALUATION_PREPROCESS,
+def retrieval_task(evaluator: Evaluator, source: Mapping[str, Any], preprocess: Optional[str] = None,
                    ks: Sequence[int] = (1, 5, 10)):
     images, captions = _captioned_images(evaluator, source, preprocess)
     owner = np.array([i for i, c in enumerate(captions) for _ in c], np.int64)
@@ -197,7 +200,7 @@ def retrieval_task(evaluator: Evaluator, source: Mapping[str, Any], preprocess: 
         "Image–caption similarity (rows: images, columns: their first captions)"))
 
 
-def compositionality_task(evaluator: Evaluator, source: Mapping[str, Any], preprocess: str = EVALUATION_PREPROCESS,
+def compositionality_task(evaluator: Evaluator, source: Mapping[str, Any], preprocess: Optional[str] = None,
                           attributes=(), kinds: Sequence[str] = KINDS, seed: int = 0):
     images, captions = _captioned_images(evaluator, source, preprocess)
     keep = np.array([len(c) > 0 for c in captions])
@@ -211,15 +214,24 @@ def compositionality_task(evaluator: Evaluator, source: Mapping[str, Any], prepr
         "True caption preferred over the perturbed one", "accuracy", chance=0.5))
 
 
-def linear_probe_task(evaluator: Evaluator, dataset: str, train_split: str = "train", test_split: str = "test",
-                      label_key: str = "label", image_key: str = "image", preprocess: str = EVALUATION_PREPROCESS,
-                      shots: Sequence[int] = (1, 5, 10, 25), l2_values: Sequence[float] = DEFAULT_L2, seed: int = 0,
+def linear_probe_task(evaluator: Evaluator, dataset, train_split: str = "train", test_split: str = "test",
+                      label_key: str = "label", image_key: str = "image", class_names="dataset",
+                      preprocess: Optional[str] = None, shots: Sequence[int] = (1, 5, 10, 25),
+                      l2_values: Sequence[float] = DEFAULT_L2, seed: int = 0,
                       where: Optional[Mapping[str, int]] = None):
-    builder, train, train_labels = _labelled_images(evaluator, dataset, train_split, label_key, image_key, preprocess,
-                                                    where)
-    _, test, test_labels = _labelled_images(evaluator, dataset, test_split, label_key, image_key, preprocess, where)
-    num_classes = len(sources.label_names(builder, label_key))
-    metrics = {"dataset": dataset, "num_train": int(len(train_labels)), "num_test": int(len(test_labels))}
+    train_data, test_data = (read_labelled_images(dataset, split, label_key=label_key, image_key=image_key,
+                                                  class_names=class_names, where=where, data_dir=evaluator.data_dir)
+                             for split in (train_split, test_split))
+    if train_data.classes != test_data.classes:
+        differ = sorted(set(train_data.classes) ^ set(test_data.classes)) or ["(their order)"]
+        raise ValueError(f"the classes of {train_data.name} and {test_data.name} differ: {', '.join(differ[:5])}; "
+                         "give both splits the same classes (for CSV label names: class_names, the list of all)")
+    train, train_labels, train_skipped = _labelled_images(evaluator, train_data, preprocess)
+    test, test_labels, test_skipped = _labelled_images(evaluator, test_data, preprocess)
+    names = train_data.class_names
+    num_classes = len(names)
+    metrics = {"dataset": dataset, "num_train": int(len(train_labels)), "num_test": int(len(test_labels)),
+               "skipped_images": train_skipped + test_skipped}
     for count in (*shots, None):
         name = "full" if count is None else f"{count}-shot"
         metrics[name] = probe_accuracy(train, train_labels, test, test_labels, num_classes, count,
@@ -227,17 +239,19 @@ def linear_probe_task(evaluator: Evaluator, dataset: str, train_split: str = "tr
     settings = [f"{k}-shot" for k in shots] + ["full"]
     table = ["| metric | value |", "|---|---:|", f"| training examples (full) | {metrics['num_train']} |",
              f"| test examples | {metrics['num_test']} |"]
+    if metrics["skipped_images"]:
+        table.append(f"| images skipped (unreadable) | {metrics['skipped_images']} |")
     for setting in settings:
         best = max((v, k) for k, v in metrics[setting].items() if k != "best")
         table.append(f"| {setting} accuracy (%), best of {len(l2_values)} λ ({best[1]}) | {100 * best[0]:.2f} |")
     return TaskResult(metrics, "\n".join(table), lambda path: plots.bars(
         path, settings, [metrics[s]["best"] for s in settings],
-        f"Linear probe on frozen image embeddings, {dataset} (best regularisation)", "test accuracy"))
+        f"Linear probe on frozen image embeddings, {train_data.name} (best regularisation)", "test accuracy"))
 
 
-def shapes_task(evaluator: Evaluator, config: str = "default", split: str = "test",
-                preprocess: str = EVALUATION_PREPROCESS):
-    metrics = evaluate_shapes(evaluator, shapes.prepare(config, evaluator.data_dir), split, preprocess)
+def shapes_task(evaluator: Evaluator, config: str = "default", split: str = "test", preprocess: Optional[str] = None):
+    metrics = evaluate_shapes(evaluator, shapes.prepare(config, evaluator.data_dir), split,
+                              preprocess or evaluator.preprocess)
     return TaskResult(metrics, format_table(metrics))
 
 
@@ -270,3 +284,44 @@ def run_tasks(evaluator: Evaluator, tasks: Mapping[str, Mapping[str, Any]],
     """Run the named tasks of `tasks` (default: all) in order; every process runs them together."""
     selected = select_tasks(tasks, names)
     return {name: TASK_KINDS[kind](evaluator, **options) for name, (kind, options) in selected.items()}
+
+
+def _task_images(kind: str, options: Mapping[str, Any],
+                 data_dir: Optional[str]) -> list[tuple[str, tf.data.Dataset, bool]]:
+    """(name, examples with an encoded "image" / "image_path", whether the task skips unreadable images) of
+    each image set a task of `kind` reads."""
+    if kind == "shapes":
+        builder = shapes.prepare(options.get("config", "default"), data_dir)
+        examples, _ = sources.read_tfds_slice(builder, options.get("split", "test"), "image")
+        return [(builder.name, examples.map(lambda ex: {"image": ex["image"], "image_path": ""}), False)]
+    if kind in ("zero_shot", "linear_probe"):
+        splits = ([options.get("split", "test")] if kind == "zero_shot"
+                  else [options.get("train_split", "train"), options.get("test_split", "test")])
+        keys = {key: options[key] for key in ("label_key", "image_key", "where", "class_names") if key in options}
+        sets = [read_labelled_images(options["dataset"], split, data_dir=data_dir, **keys) for split in splits]
+        return [(data.name, data.examples, data.image_files) for data in sets]
+    source, _ = sources.build_source(options["source"], data_dir)
+    return [(source.name, source.examples, False)]
+
+
+def check_task_inputs(tasks: Mapping[str, Mapping[str, Any]], image_size: int, preprocess: str,
+                      data_dir: Optional[str] = None) -> None:
+    """Stop with a clear message unless every task's data can be read and its preprocessing (the task's own,
+    or `preprocess`) makes `[image_size, image_size, 3]` images of it: one example of each image set goes
+    through the ops. The trainer checks this before its first step, not after the training."""
+    expected = (image_size, image_size, 3)
+    for name, (kind, options) in select_tasks(tasks).items():
+        spec = options.get("preprocess") or preprocess
+        try:
+            image_sets = _task_images(kind, options, data_dir)
+            for set_name, examples, skip_unreadable in image_sets:
+                few = 16 if skip_unreadable else 1  # the first readable of a few, where the task skips unreadable ones
+                first = next(LocalImages(set_name, examples.take(few), few, spec, skip_unreadable=skip_unreadable)
+                             .batches(1), None)
+                if first is not None and first.shape[1:] != expected:
+                    raise ValueError(f"its preprocessing {spec!r} turns an image of {set_name} into shape "
+                                     f"{first.shape[1:]}, but the model takes {expected}; resize to "
+                                     f"config.data.image_size={image_size} (resize_small and center_crop), or drop "
+                                     "the task's own preprocess to use the model's evaluation preprocessing")
+        except (ValueError, FileNotFoundError) as error:
+            raise ValueError(f"evaluation task {name!r} cannot run: {error}") from None

@@ -23,9 +23,9 @@ from jclip.data import pipeline
 from jclip.data.bpe_tokenizer import Tokenizer
 from jclip.data.sources import build_source
 from jclip.data.tokenizers import load_tokenizer
-from jclip.evaluate.from_checkpoint import make_evaluator
+from jclip.evaluate.from_checkpoint import evaluation_preprocess, make_evaluator
 from jclip.evaluate.report import flatten, write_report
-from jclip.evaluate.tasks import run_tasks, select_tasks
+from jclip.evaluate.tasks import check_task_inputs, run_tasks
 from jclip.models.summary import training_flops_per_pair
 from jclip.train.metrics_writer import MetricsWriter
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule
@@ -174,7 +174,7 @@ class Run:
 
 def set_up(config: ConfigDict, workdir: str) -> Run:
     """Stage 1: the run's mesh, data, model, state (resumed, started from parameters, or fresh), step and writers.
-    Misconfigurations (batch size, vocabulary, evaluation tasks) fail here, before any training."""
+    Misconfigurations (batch size, vocabulary, evaluation tasks and their data) fail here, before any training."""
     os.makedirs(workdir, exist_ok=True)
     write_config(config, workdir)
     mesh = parallel.make_mesh()
@@ -182,7 +182,7 @@ def set_up(config: ConfigDict, workdir: str) -> Run:
     sources = [build_source(options, config.data.data_dir) for options in config.data.sources.values()]
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.data_dir)
     check_vocabulary(config, tokenizer)
-    select_tasks(config.evaluate.tasks)
+    check_task_inputs(config.evaluate.tasks, config.data.image_size, evaluation_preprocess(config), config.data.data_dir)
 
     model = models.model_class(config.model)(**config.model)
     layout = train_state_layout(config, model, build_optimizer(config), mesh)
