@@ -68,8 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.evaluate = ml_collections.ConfigDict()
     config.evaluate.batch_size = 512
     config.evaluate.every_steps = 0  # 0: evaluate only at the end of training
-    # The tasks' default preprocessing; None: the model's (the shorter side resized to data.image_size,
-    # centre-cropped, then the value range of data.preprocess), e.g. "decode|resize_small(64)|center_crop(64)|...".
+    # The tasks' default preprocessing; None: the model's (the shorter side resized to data.image_size and
+    # centre-cropped, or squashed where data.preprocess squashes, then its value range), here
+    # "decode|resize_small(64)|center_crop(64)|value_range(-1, 1)".
     config.evaluate.preprocess = placeholder(str)
     config.evaluate.shapes_config = "default"  # the shapes dataset the tasks below read
     shapes_data = config.evaluate.get_ref("shapes_config")

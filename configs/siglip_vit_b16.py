@@ -28,8 +28,8 @@ Not reproduced: WebLI (not public; any WebDataset shards, e.g. LAION or DataComp
 and big_vision's padding with the end id 1: jclip's "sentencepiece:PATH" tokenizer pads with the
 model's pad piece (0), so rows read by the last-token pooling of short captions end in pad 0, not
 1 (it trains the same from scratch, but fine-tuning converted big_vision weights sees other ids).
-The trainer's evaluations resize the shorter side and centre-crop; big_vision's evaluations resize
-without cropping (--config.evaluate.preprocess='decode|resize(224)|value_range(-1, 1)').
+The trainer's evaluations squash the images to 224 x 224 as training does (and as big_vision's
+evaluations do), then scale them to [-1, 1].
 
 Needs: image–text WebDataset shards (--config.data.sources.web.pattern), the SentencePiece model
 file (--config.data.tokenizer=sentencepiece:PATH), ImageNet and coco_captions in tfds for the
@@ -120,7 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.evaluate = ml_collections.ConfigDict()
     config.evaluate.batch_size = 1024
     config.evaluate.every_steps = 10_000
-    config.evaluate.preprocess = placeholder(str)  # None: resize the shorter side, centre-crop, value_range(-1, 1)
+    config.evaluate.preprocess = placeholder(str)  # None: resize(224)|value_range(-1, 1), as it trains
     config.evaluate.shapes_config = "default"  # unused: no `shapes` task here
     config.evaluate.tasks = ml_collections.ConfigDict()
     config.evaluate.tasks.imagenet = dict(kind="zero_shot", dataset="imagenet2012", split="validation",

@@ -157,7 +157,10 @@ def test_evaluation_preprocessing_follows_the_training_value_range():
             == "decode|resize_small(224)|center_crop(224)|clip_normalize")
     assert (preprocess.evaluation_spec(64, "decode|value_range(-1, 1)")
             == "decode|resize_small(64)|center_crop(64)|value_range(-1, 1)")
-    assert preprocess.evaluation_spec(32, "decode|resize(32)") == "decode|resize_small(32)|center_crop(32)"
+    assert preprocess.evaluation_spec(32, "decode|resize_small(40)|center_crop(32)") == (
+        "decode|resize_small(32)|center_crop(32)")
+    assert (preprocess.evaluation_spec(224, "decode|resize(224)|value_range(-1, 1)")  # big_vision's SigLIP squash
+            == "decode|resize(224)|value_range(-1, 1)")
 
 
 def test_preprocessing_stages_give_the_images_of_the_whole_spec():

@@ -181,11 +181,15 @@ def parse(spec: str) -> ImageOp:
 
 def evaluation_spec(image_size: int, training_spec: str) -> str:
     """The evaluation preprocessing of a model trained with `training_spec` on `image_size` images: decode,
-    resize the shorter side to `image_size`, centre-crop it square, then the training spec's value range
-    or normalisation (its trailing per-pixel ops), so evaluation feeds the inputs training did."""
+    bring the image to `image_size` as training did, then the training spec's value range or normalisation
+    (its trailing per-pixel ops), so evaluation feeds the inputs training did. A training spec that squashes
+    images to the square (`resize`, as big_vision's SigLIP recipes) is followed by a squash; any other
+    (crops, or none) by a resize of the shorter side and a centre crop (OpenCLIP's evaluation transform)."""
     parts = [part.strip() for part in training_spec.split("|")]
     value_ops = parts[len(parts) - len(stages(training_spec)[2]):]
-    return "|".join(["decode", f"resize_small({image_size})", f"center_crop({image_size})", *value_ops])
+    squashes = any(name == "resize" for name, _ in parse_ops(training_spec))
+    geometry = [f"resize({image_size})"] if squashes else [f"resize_small({image_size})", f"center_crop({image_size})"]
+    return "|".join(["decode", *geometry, *value_ops])
 
 
 def stages(spec: str) -> tuple[Ops, Ops, Ops]:

@@ -23,7 +23,8 @@ Each entry is `name: dict(kind=KIND, **options)`; the kinds and their options:
 
 Every task embeds with `Evaluator`, sharded over all devices and processes. A task's `preprocess` is by default
 the evaluator's, the model's evaluation preprocessing (`preprocess.evaluation_spec`: the shorter side resized to
-the model's image size, centre-cropped, the training value range or normalisation); `check_task_inputs` puts one
+the model's image size and centre-cropped, or squashed as training did, then the training value range or
+normalisation); `check_task_inputs` puts one
 image of each task through it before a training run starts.
 """
 
