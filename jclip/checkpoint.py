@@ -86,7 +86,7 @@ class Checkpointer:
 
     def check_model(self, record: dict) -> None:
         """Refuse a checkpoint (its `record`) of a model other than this checkpointer's, naming the differences."""
-        differences = models.config_differences(record.get("model"), self.model)
+        differences = models.architecture_differences(record.get("model"), self.model)
         if differences:
             raise ModelMismatchError(
                 f"{self.directory} holds a checkpoint (step {record.get('step')}) of a different model: "

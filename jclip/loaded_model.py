@@ -220,7 +220,7 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None, *, step: Op
         config = _run_config(run_directory, read_record(run_directory, step))
         loaded_tokenizer = _tokenizer(tokenizer or config.data.tokenizer, config.data.data_dir)
         module, params, record = load_model(config, run_directory, step, mesh, loaded_tokenizer, verbose=False)
-        if model is not None and models.config_differences(record["model"], models.model_config(model)):
+        if model is not None and models.architecture_differences(record["model"], models.model_config(model)):
             raise ValueError(f"{path} holds a checkpoint of another model than {model!r}; leave out model=")
         model = model or config.get("model_name")
     else:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -109,6 +110,24 @@ def cli(*args, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen([sys.executable, "-m", "jclip.train", "--config", "configs/shapes_tiny.py", *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def command_line(config_file, *overrides) -> ConfigDict:
+    """The config `python -m jclip.train --config CONFIG_FILE *overrides` trains: absl's config flags parse the
+    file and the overrides (in this process), then `--config.model_name` picks its model (`jclip.cli`)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from jclip.cli import model_from_command_line
+
+    argv = ["jclip.train", "--config", str(config_file), *overrides]
+    values = flags.FlagValues()  # the overrides are read from sys.argv, or as here from `sys_argv`
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+    with warnings.catch_warnings():  # absl's config-file flag loads the file with the deprecated `load_module`
+        warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+        values(argv)
+    model_from_command_line(values.config, config_flags.get_override_values(values["config"]), str(config_file))
+    return values.config
 
 
 def free_port() -> int:

@@ -15,22 +15,17 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
 from conftest import REPO, load_config
-from helpers import assert_trees_equal, png, read_metrics
+from helpers import assert_trees_equal, command_line, png, read_metrics
 from jclip import models
-from jclip.cli import model_from_command_line
 from jclip.convert.to_checkpoint import save_converted
 from jclip.data import preprocess
 from jclip.data.bpe_tokenizer import Tokenizer
 from jclip.evaluate.from_checkpoint import evaluation_preprocess
 from jclip.evaluate.tasks import select_tasks
 from jclip.train.loop import train
-
-# absl's config-file flag loads the recipe with the deprecated `load_module`.
-pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 
 OPENCLIP_TRAIN = "decode|inception_crop(224, 0.9, 1.0)|clip_normalize"  # RandomResizedCrop(224, (0.9, 1)) + OpenAI
 OPENCLIP_EVAL = "decode|resize_small(224)|center_crop(224)|clip_normalize"
@@ -91,18 +86,6 @@ def recipe_module(name):
     namespace = {}
     exec(compile((REPO / "configs" / f"{name}.py").read_text(), f"{name}.py", "exec"), namespace)
     return namespace
-
-
-def command_line(recipe, *overrides):
-    """The config `python -m jclip.train --config configs/<recipe>.py *overrides` trains: absl's config flags
-    parse the file and the overrides, then `--config.model_name` picks its model (`jclip.cli`)."""
-    path = str(REPO / "configs" / f"{recipe}.py")
-    argv = ["jclip.train", "--config", path, *overrides]
-    values = flags.FlagValues()  # the overrides are read from sys.argv, or as here from `sys_argv`
-    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
-    values(argv)
-    model_from_command_line(values.config, config_flags.get_override_values(values["config"]), path)
-    return values.config
 
 
 @pytest.fixture(scope="module")
@@ -217,19 +200,19 @@ def test_recipe_launch_command_in_its_docstring_parses(recipe):
     (command,) = [line for line in doc.splitlines() if f"python -m jclip.train --config configs/{recipe}.py" in line]
     overrides = [arg for arg in shlex.split(command) if arg.startswith("--config.")]
     assert any(".sources." in arg or ".data_dir=" in arg for arg in overrides), "the command says where the data is"
-    config = command_line(recipe, *overrides)
+    config = command_line(REPO / "configs" / f"{recipe}.py", *overrides)
     for override in overrides:
         path, value = override[len("--config."):].split("=", 1)
         node = config
         for key in path.split("."):
             node = node[key]
         assert str(node) == value, override
-    assert not command_line(recipe, "--config.evaluate.tasks={}").evaluate.tasks
+    assert not command_line(REPO / "configs" / f"{recipe}.py", "--config.evaluate.tasks={}").evaluate.tasks
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_trains_two_steps_on_tiny_data(recipe, pairs, tmp_path, capsys):
-    config = command_line(recipe, *tiny_overrides(recipe, pairs))
+    config = command_line(REPO / "configs" / f"{recipe}.py", *tiny_overrides(recipe, pairs))
     assert config.model_name in ("test-micro", "coca-test-micro") and config.total_steps == 2
     assert config.losses.to_dict() == PUBLISHED[recipe]["losses"]  # the recipe's objective, not the overrides'
     workdir = str(tmp_path / "run")

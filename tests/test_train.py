@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 
 from batches import random_batch
 from conftest import REPO, load_config
-from helpers import assert_trees_close, assert_trees_equal, cli, init_params, read_metrics, saved_config
+from helpers import assert_trees_close, assert_trees_equal, cli, command_line, init_params, read_metrics, saved_config
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer, ModelMismatchError
 from jclip.data import pipeline
@@ -201,6 +201,28 @@ def test_a_config_file_that_customises_its_model_refuses_another_model_name(tmp_
     config = load_config_file(config_file)
     model_from_command_line(config, {"model_name": "shapes-tiny"}, str(config_file))
     assert config.model.embed_dim == 256
+
+
+def test_execution_options_are_command_line_fields_that_keep_the_model(tiny_config, tmp_path):
+    """The README's `model.dtype`, `matmul_dtype`, `remat` and `vision.patch_dropout` are fields the command line
+    sets; they choose how the model computes, not what, so a checkpoint resumes under other values, and a record
+    written before configurations spelt them out matches too."""
+    config = command_line(REPO / "configs" / "shapes_tiny.py", "--config.model.dtype=bfloat16",
+                          "--config.model.matmul_dtype=bfloat16", "--config.model.remat=True",
+                          "--config.model.vision.patch_dropout=0.5")
+    assert (config.model.dtype, config.model.matmul_dtype, config.model.remat, config.model.vision.patch_dropout) == (
+        "bfloat16", "bfloat16", True, 0.5)
+    workdir = str(tmp_path / "run")
+    tiny_config.total_steps = 2
+    train(tiny_config, workdir, evaluate_at_end=False)
+    tiny_config.total_steps = 3
+    tiny_config.model.matmul_dtype, tiny_config.model.remat, tiny_config.model.vision.patch_dropout = "bfloat16", True, 0.25
+    assert int(train(tiny_config, workdir, evaluate_at_end=False).step) == 3
+    older = {k: v for k, v in models.model_config("test-micro").items() if k not in models.registry.EXECUTION_DEFAULTS}
+    older["vision"] = {k: v for k, v in older["vision"].items() if k != "patch_dropout"}
+    assert models.architecture_differences(older, tiny_config.model.to_dict()) == []
+    assert models.architecture_differences(older, models.model_config("test-micro", embed_dim=8)) == [
+        ("embed_dim", 16, 8)]
 
 
 def test_sigterm_saves_and_rerun_resumes(tiny_config, tmp_path, capsys):

@@ -2,7 +2,8 @@
 
 from jclip.models.clip import CLIP, l2_normalize
 from jclip.models.coca import CoCa, generate
-from jclip.models.registry import MODEL_CONFIGS, config_differences, create, list_models, model_class, model_config
+from jclip.models.registry import (MODEL_CONFIGS, architecture_differences, config_differences, create, list_models,
+                                   model_class, model_config)
 
-__all__ = ["CLIP", "CoCa", "MODEL_CONFIGS", "config_differences", "create", "generate", "l2_normalize", "list_models",
-           "model_class", "model_config"]
+__all__ = ["CLIP", "CoCa", "MODEL_CONFIGS", "architecture_differences", "config_differences", "create", "generate",
+           "l2_normalize", "list_models", "model_class", "model_config"]

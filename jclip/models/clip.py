@@ -40,7 +40,7 @@ class CLIP(nn.Module):
     (`VisionTransformer`, default) or "resnet" (`ModifiedResNet`); `text` those
     of `TextTransformer`. `dtype` is the computation dtype of both towers
     ("bfloat16" for mixed precision; parameters, embeddings, scale and bias stay
-    float32); `matmul_dtype` ("bfloat16") makes the transformers' dense layers
+    float32); `matmul_dtype` ("bfloat16"; "float32" or None: off) makes the transformers' dense layers
     take bfloat16 inputs and accumulate in float32, forward and backward, with
     everything else float32 (`jclip.models.precision`; on CPUs with bfloat16
     units the fast mixed precision, where `dtype="bfloat16"` is slower than
@@ -62,10 +62,11 @@ class CLIP(nn.Module):
     matmul_dtype: Optional[str] = None
 
     def setup(self):
-        if self.matmul_dtype and vision_tower_class(self.vision) is not VisionTransformer:
+        matmul_dtype = None if self.matmul_dtype == "float32" else self.matmul_dtype
+        if matmul_dtype and vision_tower_class(self.vision) is not VisionTransformer:
             raise ValueError(f"matmul_dtype={self.matmul_dtype!r} needs a ViT image tower; for the ResNet "
                              "tower use dtype='bfloat16'")
-        options = ExecutionOptions(dtype=jnp.dtype(self.dtype), matmul_dtype=self.matmul_dtype, remat=self.remat,
+        options = ExecutionOptions(dtype=jnp.dtype(self.dtype), matmul_dtype=matmul_dtype, remat=self.remat,
                                    logical_axes=self.logical_axes)
         vision = {k: v for k, v in self.vision.items() if k != "type"}
         self.image_tower = vision_tower_class(self.vision)(**vision, embed_dim=self.embed_dim, options=options)

@@ -42,7 +42,6 @@ def _tensordot_backward(contracted, dtype, residuals, cotangent):
     low_lhs, low_rhs, lhs_dtype, rhs_dtype = residuals
     cotangent = cotangent.astype(dtype)
     kept_lhs = low_lhs.ndim - contracted  # the leading axes of lhs and of the output
-    kept_rhs = low_rhs.ndim - contracted  # the trailing axes of rhs and of the output
     lhs_grad = _contract(cotangent, low_rhs, range(kept_lhs, cotangent.ndim), range(contracted, low_rhs.ndim))
     rhs_grad = _contract(low_lhs, cotangent, range(kept_lhs), range(kept_lhs))
     return lhs_grad.astype(lhs_dtype.dtype), rhs_grad.astype(rhs_dtype.dtype)

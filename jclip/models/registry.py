@@ -106,6 +106,13 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# How a model computes, not what (`ExecutionOptions`, a ViT's patch dropout), with their defaults. Every
+# configuration spells them out, so that a command line can set them (`--config.model.dtype=bfloat16`);
+# checkpoints of one architecture match whatever their values (`architecture_differences`).
+EXECUTION_DEFAULTS = {"dtype": "float32", "matmul_dtype": "float32", "remat": False}
+VISION_EXECUTION_DEFAULTS = {"patch_dropout": 0.0}
+
+
 def list_models() -> list[str]:
     """The names `create` accepts."""
     return sorted(MODEL_CONFIGS)
@@ -138,6 +145,9 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     config = copy.deepcopy(MODEL_CONFIGS[name])
     top_level = _top_level_options(model_class(config))
+    config.update({key: value for key, value in EXECUTION_DEFAULTS.items() if key in top_level})
+    vision_options = _tower_options(_tower_classes(config)["vision"])
+    config["vision"].update({key: value for key, value in VISION_EXECUTION_DEFAULTS.items() if key in vision_options})
     for key, value in overrides.items():
         if key in ("vision", "text", "decoder") and key in config:
             config[key].update(value)
@@ -151,6 +161,17 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
             raise ValueError(f"unknown {key} option(s) {sorted(unknown)} for model {name!r}; "
                              f"{cls.__name__} takes {sorted(_tower_options(cls))}")
     return config
+
+
+def architecture_differences(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
+    """`config_differences` in what the models compute, leaving out how (the execution options, whose
+    defaults an older configuration may not spell out)."""
+    def architecture(config):
+        if not isinstance(config, dict):
+            return config
+        vision = {k: v for k, v in config.get("vision", {}).items() if k not in VISION_EXECUTION_DEFAULTS}
+        return {**{k: v for k, v in config.items() if k not in EXECUTION_DEFAULTS}, "vision": vision}
+    return config_differences(architecture(a), architecture(b))
 
 
 def config_differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
