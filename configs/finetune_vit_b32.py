@@ -20,14 +20,12 @@ WiSE-FT decays every parameter; jclip skips biases, norms, the scale and positio
 embeddings. WiSE-FT's weight-space ensembling of the zero-shot and fine-tuned weights is a step
 after training that jclip does not do.
 
-Starting weights: the run starts from a parameters-only checkpoint in its workdir, written by
+Starting weights: `config.init_from` (both towers and the scale) with a fresh optimizer: an OpenCLIP
+weight file of `init_from.model` (converted as the run starts), or a checkpoint written by
+`python -m jclip.convert` or trained by jclip. Without it the run trains from random weights, which
+25k steps at this learning rate cannot do well.
 
-    python -m jclip.convert --model ViT-B-32 --input open_clip_model.safetensors --output runs/finetune_b32
-
-(both towers and the scale start from it; a fresh optimizer). Without it the run trains from
-random weights, which 25k steps at this learning rate cannot do well.
-
-Needs: the converted weights, a CSV / TSV (by extension) of image paths (relative to the file)
+Needs: the pretrained weights, a CSV / TSV (by extension) of image paths (relative to the file)
 and captions (columns `filepath` and `title`, or --config.data.sources.mine.image_column=... and
 caption_column=...), and ImageNet in tfds for the zero-shot evaluation, which shows what fine-tuning
 costs in generality (or --config.evaluate.tasks={}). Devices: one is enough. Memory, estimated
@@ -37,6 +35,7 @@ example in float32 (85 MiB with model.dtype="bfloat16"): 512 per step fits one 8
 (gradient caching: the same gradient, 256 or 128 examples' activations at a time).
 
     python -m jclip.train --config configs/finetune_vit_b32.py --workdir runs/finetune_b32 \
+        --config.init_from.path=open_clip_model.safetensors \
         --config.data.sources.mine.path=/data/pairs.tsv --config.total_steps=1953 \
         --config.data.data_dir=/data/tensorflow_datasets
 """
@@ -75,6 +74,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.losses = ml_collections.ConfigDict()
     config.losses.clip = dict(weight=1.0)
     config.teacher = placeholder(str)
+    # Pretrained weights a new run starts from (jclip.train.init_from): a run, a checkpoint or a weight file
+    # (with its model), and the parameter groups to take (all of them: the whole model is fine-tuned).
+    config.init_from = ml_collections.ConfigDict()
+    config.init_from.path = placeholder(str)
+    config.init_from.model = "ViT-B-32"
+    config.init_from.parts = ("all",)
 
     config.batch_size = BATCH_SIZE
     config.micro_batches = 1  # >1: gradient caching where 512 does not fit

@@ -20,16 +20,13 @@ RandomResizedCrop(224, scale 0.9-1.0) equivalent with OpenAI's normalisation, wh
 CLIP tower was trained with; jclip has no RandAugment, and flips are off because captions say "left"
 and "right".
 
-Starting weights: jclip cannot yet load only the image tower from a checkpoint (issue 22 adds
-`init_from`). Today the run starts from a parameters-only checkpoint in its workdir, written by
+Starting weights: `config.init_from` takes the image tower of OpenCLIP ViT-B/32 weights (a weight file,
+converted as the run starts, or a checkpoint written by `python -m jclip.convert`); the text tower,
+projections' partners and scale start from a fresh initialisation, as in LiT's "Lu" setup (locked
+pretrained image tower, text tower trained from scratch). Give ("all",) as init_from.parts for the
+"LU" setup (pretrained text tower, unlocked).
 
-    python -m jclip.convert --model ViT-B-32 --input open_clip_model.safetensors --output runs/lit_b32
-
-so the text tower, projections and scale start from the converted CLIP weights too (the LiT
-paper's "LU" setup, locked image and unlocked pretrained text, not a text tower trained from
-scratch); only the image tower stays fixed. Without that checkpoint the run starts from random weights and locks a random image tower.
-
-Needs: converted OpenCLIP ViT-B/32 weights (above), `coco_captions` prepared in tfds (and ImageNet
+Needs: OpenCLIP ViT-B/32 weights (above), `coco_captions` prepared in tfds (and ImageNet
 for the zero-shot evaluation). Devices: any; the locked tower keeps no optimizer state but its
 gradients are still computed (and count in the clipping norm). Memory per device, estimated from
 the compiled memory of this train step as XLA's CPU compiler lays it out (jclip has no memory
@@ -38,7 +35,7 @@ example in float32 (85 MiB with model.dtype="bfloat16"): e.g. 8 x 80 GB GPUs, 51
 (~52 GiB), or 8 x 40 GB with --config.micro_batches=2.
 
     python -m jclip.train --config configs/lit_vit_b32.py --workdir runs/lit_b32 \
-        --config.data.data_dir=/data/tensorflow_datasets
+        --config.init_from.path=open_clip_model.safetensors --config.data.data_dir=/data/tensorflow_datasets
 
 Other image–text data: --config.data.sources='{"web": {"kind": "tar", "pattern": "/data/shards/*.tar"}}'.
 """
@@ -78,6 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.losses = ml_collections.ConfigDict()
     config.losses.clip = dict(weight=1.0)
     config.teacher = placeholder(str)
+    # Pretrained weights a new run starts from (jclip.train.init_from): a run, a checkpoint or a weight file
+    # (with its model), and the parameter groups to take (LiT: the image tower only, locked below; the text tower starts afresh).
+    config.init_from = ml_collections.ConfigDict()
+    config.init_from.path = placeholder(str)
+    config.init_from.model = "ViT-B-32"
+    config.init_from.parts = ("image_tower",)
 
     config.batch_size = BATCH_SIZE
     config.micro_batches = 1  # >1: gradient caching where the per-device batch does not fit

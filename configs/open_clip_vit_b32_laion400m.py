@@ -72,6 +72,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.losses = ml_collections.ConfigDict()
     config.losses.clip = dict(weight=1.0)
     config.teacher = placeholder(str)
+    # Pretrained weights a new run starts from (jclip.train.init_from): a run, a checkpoint or a weight file
+    # (with its model), and the parameter groups to take (e.g. ("image_tower",), or ("all",)).
+    config.init_from = ml_collections.ConfigDict()
+    config.init_from.path = placeholder(str)
+    config.init_from.model = placeholder(str)
+    config.init_from.parts = ("all",)
 
     config.batch_size = BATCH_SIZE
     config.micro_batches = 1  # >1: gradient caching where the per-device batch does not fit

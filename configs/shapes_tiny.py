@@ -35,6 +35,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.losses.clip = dict(weight=1.0)
     # A checkpoint (RUN/checkpoints/STEP or RUN) whose model the `distillation` loss distils.
     config.teacher = placeholder(str)
+    # Pretrained weights a new run starts from (jclip.train.init_from): a run, a checkpoint or a weight file
+    # (with its model), and the parameter groups to take (e.g. ("image_tower",) for LiT, or ("all",)).
+    config.init_from = ml_collections.ConfigDict()
+    config.init_from.path = placeholder(str)
+    config.init_from.model = placeholder(str)
+    config.init_from.parts = ("all",)
 
     config.batch_size = 128
     config.micro_batches = 1  # >1: gradient caching, the same gradient with one micro-batch's activations

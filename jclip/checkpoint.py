@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any, Callable, Optional
 
+import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
@@ -154,6 +155,18 @@ def read_params(run_directory: str, target: Any, step: Optional[int] = None) -> 
         return checkpointer.restore_params(target, step)
     finally:
         checkpointer.close()
+
+
+def read_stored_params(run_directory: str, step: Optional[int], sharding: Any) -> tuple[Any, dict]:
+    """A run's checkpoint's parameters (its EMA when it keeps one) with the shapes they were stored with,
+    whatever model and input shapes made them, each laid out with `sharding`; and the checkpoint's record."""
+    record = read_record(run_directory, step)
+    key = "ema_params" if record.get("has_ema_params") else "params"
+    stored = ocp.StandardCheckpointer().metadata(
+        os.path.join(os.path.abspath(run_directory), "checkpoints", str(record["step"]), "state")).item_metadata
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                          dict(stored)[key], is_leaf=lambda leaf: hasattr(leaf, "shape"))
+    return read_params(run_directory, target, record["step"])
 
 
 def read_record(run_directory: str, step: Optional[int] = None) -> dict:

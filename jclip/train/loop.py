@@ -28,6 +28,7 @@ from jclip.evaluate.report import flatten, write_report
 from jclip.evaluate.tasks import check_task_inputs, run_tasks
 from jclip.models.summary import training_flops_per_pair
 from jclip.train.metrics_writer import MetricsWriter
+from jclip.train.init_from import pretrained_params
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule
 from jclip.train.profiling import StepProfiler
 from jclip.train.state import StateLayout, TrainState, create_train_state, state_layout, train_state_from_params
@@ -91,10 +92,17 @@ def initial_state(config: ConfigDict, workdir: str, layout: StateLayout,
                   checkpointer: Checkpointer) -> tuple[TrainState, int]:
     """(state, this process's input position) to start from: the workdir's latest checkpoint, or the
     parameters of a parameters-only checkpoint there (converted weights) with a fresh optimizer, or
-    freshly initialised parameters."""
+    freshly initialised parameters, with the parts `config.init_from` names taken from pretrained ones."""
     latest = checkpointer.latest_step()
     if latest is None:
-        return create_train_state(layout, jax.random.key(config.seed)), 0
+        check_locked_parts_are_pretrained(config)
+        state = create_train_state(layout, jax.random.key(config.seed))
+        if config.init_from.path is None:
+            return state, 0
+        params = pretrained_params(config, layout, state.params)
+        parts = ", ".join(config.init_from.parts)
+        print(f"Starting from the parameters ({parts}) of {config.init_from.path}, with a fresh optimizer.")
+        return train_state_from_params(layout, params), 0
     record = checkpointer.read_record(latest)
     if record.get("parameters_only"):
         checkpointer.check_model(record)
@@ -104,6 +112,17 @@ def initial_state(config: ConfigDict, workdir: str, layout: StateLayout,
     state, record = checkpointer.restore(layout.abstract, latest)
     print(f"Resuming from {checkpointer.directory} at step {int(state.step)}.")
     return state, start_position(record, config)
+
+
+def check_locked_parts_are_pretrained(config: ConfigDict) -> None:
+    """A new run that locks parameter groups (`optimizer.frozen`) must take them from `init_from`: locked at
+    their random initialisation they would be useless."""
+    parts = tuple(config.init_from.parts) if config.init_from.path is not None else ()
+    random = [group for group in config.optimizer.frozen if "all" not in parts and group not in parts]
+    if random:
+        raise ValueError(f"config.optimizer.frozen locks {random}, which this new run would keep at their random "
+                         "initialisation: set config.init_from.path to pretrained weights (and config.init_from.parts "
+                         "to include them)")
 
 
 def evaluation_params(state: TrainState):
