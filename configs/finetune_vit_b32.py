@@ -17,8 +17,8 @@ on ImageNet classes (the contrastive variant is FLYP's, Goyal et al. 2022):
   flips; OpenAI's BPE with 77 tokens.
 
 WiSE-FT decays every parameter; jclip skips biases, norms, the scale and position / class
-embeddings. WiSE-FT's weight-space ensembling of the zero-shot and fine-tuned weights is a step
-after training that jclip does not do.
+embeddings. WiSE-FT's weight-space ensembling of the zero-shot and fine-tuned weights is the step
+after training: `python -m jclip.wise_ft --pretrained WEIGHTS_CHECKPOINT --finetuned runs/finetune_b32 ...`.
 
 Starting weights: `config.init_from` (both towers and the scale) with a fresh optimizer: an OpenCLIP
 weight file of `init_from.model` (converted as the run starts), or a checkpoint written by

@@ -12,7 +12,9 @@ Loading a model's parameters from any checkpoint (`load_model`) lives here, so t
 distillation teacher and the trainer share it.
 """
 
+import json
 import os
+import pathlib
 import time
 from typing import Any, Callable, Optional
 
@@ -157,16 +159,38 @@ def read_params(run_directory: str, target: Any, step: Optional[int] = None) -> 
         checkpointer.close()
 
 
+def stored_parameter_shapes(run_directory: str, record: dict) -> Any:
+    """The shapes and dtypes (`jax.ShapeDtypeStruct`s) of the parameters a run's checkpoint (its `record`)
+    stores, its EMA when it keeps one, read from the checkpoint's metadata: nothing is loaded."""
+    key = "ema_params" if record.get("has_ema_params") else "params"
+    path = pathlib.Path(os.path.abspath(run_directory), "checkpoints", str(record["step"]), "state")
+    stored = ocp.PyTreeCheckpointHandler().metadata(path).tree[key]
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), stored,
+                        is_leaf=lambda leaf: hasattr(leaf, "shape"))
+
+
 def read_stored_params(run_directory: str, step: Optional[int], sharding: Any) -> tuple[Any, dict]:
     """A run's checkpoint's parameters (its EMA when it keeps one) with the shapes they were stored with,
     whatever model and input shapes made them, each laid out with `sharding`; and the checkpoint's record."""
     record = read_record(run_directory, step)
-    key = "ema_params" if record.get("has_ema_params") else "params"
-    stored = ocp.StandardCheckpointer().metadata(
-        os.path.join(os.path.abspath(run_directory), "checkpoints", str(record["step"]), "state")).item_metadata
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                          dict(stored)[key], is_leaf=lambda leaf: hasattr(leaf, "shape"))
+                          stored_parameter_shapes(run_directory, record))
     return read_params(run_directory, target, record["step"])
+
+
+def run_config(run_directory: str, record: dict) -> ConfigDict:
+    """The settings a checkpoint's model was made with (data shapes, tokenizer, preprocessing): the run's
+    `config.json`, or for a converted checkpoint (`record`), the data settings its record holds."""
+    path = os.path.join(run_directory, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return ConfigDict(json.load(f))
+    if "data" not in record:
+        raise ValueError(f"{run_directory} has no config.json and its checkpoint records no data settings; "
+                         "use the run directory that jclip.train wrote, or convert the weights again")
+    data = record["data"]
+    return ConfigDict({"data": {**data, "data_dir": None}, "evaluate": {"preprocess": data["preprocess"]},
+                       "model": record["model"], "model_name": record.get("model_name")})
 
 
 def read_record(run_directory: str, step: Optional[int] = None) -> dict:

@@ -14,7 +14,6 @@ transform for its weights. They are embedded one batch at a time, split over thi
 
 import dataclasses
 import itertools
-import json
 import os
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -27,7 +26,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from jclip import models, parallel
-from jclip.checkpoint import load_model, locate, read_record
+from jclip.checkpoint import load_model, locate, read_record, run_config
 from jclip.convert.open_clip import data_settings, from_open_clip
 from jclip.convert.state_dict_files import load_state_dict
 from jclip.data import preprocess as preprocess_ops
@@ -183,20 +182,6 @@ def _local_mesh() -> Mesh:
                          devices=devices)
 
 
-def _run_config(run_directory: str, record: dict) -> ConfigDict:
-    """The data settings a checkpoint's model takes: the run's `config.json`, or a converted checkpoint's record."""
-    path = os.path.join(run_directory, "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return ConfigDict(json.load(f))
-    if "data" not in record:
-        raise ValueError(f"{run_directory} has no config.json and its checkpoint records no data settings; "
-                         "load the run directory that jclip.train wrote, or convert the weights again")
-    data = record["data"]
-    return ConfigDict({"data": {**data, "data_dir": None}, "evaluate": {"preprocess": data["preprocess"]},
-                       "model": record["model"], "model_name": record.get("model_name")})
-
-
 def load(path: Union[str, os.PathLike], model: Optional[str] = None, *, step: Optional[int] = None,
          tokenizer: Optional[str] = None, batch_size: int = 256) -> LoadedModel:
     """The model at `path`: a run directory (its latest checkpoint, or `step`), a `RUN/checkpoints/STEP`
@@ -217,7 +202,7 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None, *, step: Op
         params = jax.device_put(from_open_clip(load_state_dict(path), model), NamedSharding(mesh, PartitionSpec()))
     elif os.path.isdir(path):
         run_directory, step = locate(None, path, step)
-        config = _run_config(run_directory, read_record(run_directory, step))
+        config = run_config(run_directory, read_record(run_directory, step))
         loaded_tokenizer = _tokenizer(tokenizer or config.data.tokenizer, config.data.data_dir)
         module, params, record = load_model(config, run_directory, step, mesh, loaded_tokenizer, verbose=False)
         if model is not None and models.architecture_differences(record["model"], models.model_config(model)):

@@ -15,7 +15,8 @@ LAYERS = (
     {"jclip.parameter_layout"},
     {"jclip.checkpoint"},
     {"jclip.convert", "jclip.evaluate"},
-    {"jclip.train", "jclip.loaded_model"},  # jclip.load: evaluation without training
+    # training; jclip.load; weights out (OpenCLIP's layout); weight-space ensembles: none uses another
+    {"jclip.train", "jclip.loaded_model", "jclip.export", "jclip.wise_ft"},
     {"jclip.cli", "jclip"},
 )
 ONLY_ITSELF = {"jclip.losses"}  # pure functions of arrays: JAX and nothing else of jclip

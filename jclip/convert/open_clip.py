@@ -13,6 +13,9 @@ Four layouts are known: OpenAI's `CLIP` (ViT or ModifiedResNet image tower,
 text tower at the top level), OpenCLIP's `CustomTextCLIP` with a timm image
 trunk (`visual.trunk.*`) and the text tower under `text.*` (SigLIP), and
 OpenCLIP's `CoCa` (`visual.attn_pool.*`, `text.cls_emb`, `text_decoder.*`).
+
+Each transform carries its inverse, with which `jclip.convert.open_clip_export.to_open_clip` writes
+state dicts by the same rules.
 """
 
 from typing import Any, Callable, Mapping
@@ -32,6 +35,13 @@ Transform = Callable[[np.ndarray], np.ndarray]
 Rule = tuple[tuple[str, ...], str, Transform]
 
 
+def _invertible(forward: Transform, inverse: Transform, part: slice = slice(None)) -> Transform:
+    """`forward`, carrying its `inverse` (the jclip parameter -> the rows `part` of the state-dict tensor that
+    `forward` reads), which `jclip.convert.open_clip_export.to_open_clip` applies to write state dicts."""
+    forward.inverse, forward.part = inverse, part
+    return forward
+
+
 def _same(x):
     return x
 
@@ -44,18 +54,24 @@ def _conv(x):
     return x.transpose(2, 3, 1, 0)
 
 
+_invertible(_same, _same)
+_invertible(_linear, _linear)
+_invertible(_conv, lambda x: x.transpose(3, 2, 0, 1))
+
+
 def _heads_in(heads: int, part: slice = slice(None)) -> Transform:
     """A (slice of a fused) projection weight [n * width, width] -> kernel [width, heads, head_width]."""
-    return lambda w: w[part].T.reshape(w.shape[1], heads, -1)
+    return _invertible(lambda w: w[part].T.reshape(w.shape[1], heads, -1),
+                       lambda k: k.reshape(k.shape[0], -1).T, part)
 
 
 def _heads_bias(heads: int, part: slice = slice(None)) -> Transform:
-    return lambda b: b[part].reshape(heads, -1)
+    return _invertible(lambda b: b[part].reshape(heads, -1), lambda b: b.reshape(-1), part)
 
 
 def _heads_out(heads: int) -> Transform:
     """Attention output weight [width_out, width] -> kernel [heads, head_width, width_out]."""
-    return lambda w: w.T.reshape(heads, -1, w.shape[0])
+    return _invertible(lambda w: w.T.reshape(heads, -1, w.shape[0]), lambda k: k.reshape(-1, k.shape[-1]).T)
 
 
 def _norm(path, key, stats: bool = False) -> list[Rule]:
@@ -106,8 +122,9 @@ def _openai_vit(vision: dict) -> list[Rule]:
     path, width = ("image_tower",), vision["width"]
     rules = [
         ((*path, "patch_embed", "kernel"), "visual.conv1.weight", _conv),
-        ((*path, "cls_token"), "visual.class_embedding", lambda x: x.reshape(1, 1, -1)),
-        ((*path, "pos_embedding"), "visual.positional_embedding", lambda x: x[None]),
+        ((*path, "cls_token"), "visual.class_embedding",
+         _invertible(lambda x: x.reshape(1, 1, -1), lambda x: x.reshape(-1))),
+        ((*path, "pos_embedding"), "visual.positional_embedding", _invertible(lambda x: x[None], lambda x: x[0])),
     ]
     rules += _norm((*path, "ln_pre"), "visual.ln_pre")
     rules += _openai_blocks(path, "visual.transformer", vision["depth"], vision["num_heads"], width)
