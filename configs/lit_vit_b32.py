@@ -28,7 +28,7 @@ pretrained image tower, text tower trained from scratch). Give ("all",) as init_
 
 Needs: OpenCLIP ViT-B/32 weights (above), `coco_captions` prepared in tfds (and ImageNet
 for the zero-shot evaluation). Devices: any; the locked tower keeps no optimizer state but its
-gradients are still computed (and count in the clipping norm). Memory per device, estimated from
+gradients are still computed (they do not count in the clipping norm). Memory per device, estimated from
 the compiled memory of this train step as XLA's CPU compiler lays it out (jclip has no memory
 planner yet; a GPU's layout differs): 1.0 GiB of parameters and AdamW state plus about 100 MiB per
 example in float32 (85 MiB with model.dtype="bfloat16"): e.g. 8 x 80 GB GPUs, 512 per device

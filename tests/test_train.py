@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from ml_collections import ConfigDict
 
@@ -23,7 +24,8 @@ from jclip.data import pipeline
 from jclip.evaluate.from_checkpoint import evaluate_checkpoint
 from jclip.host_memory import reuse_freed_memory
 from jclip.train.loop import train
-from jclip.train.optimizer import build_optimizer, learning_rate_schedule, weight_decay_mask
+from jclip.train.optimizer import (build_optimizer, clip_trained_by_global_norm, learning_rate_schedule,
+                                   weight_decay_mask)
 from jclip.train.profiling import parse_step_range
 from jclip.train.state import state_layout
 from jclip.train.step import make_gradient_step
@@ -284,6 +286,7 @@ def test_optimizers_freeze_groups_and_scale_rates(name):
     config = load_config("shapes_tiny")
     config.optimizer.name = name
     config.optimizer.schedule, config.optimizer.warmup_steps = "constant", 0
+    config.optimizer.grad_clip_norm = float("inf")  # clipping, which freezing changes, is tested on its own
     model = models.create("test-micro")
     batch = random_batch(2)
     params = model.init(jax.random.key(0), batch["image"], batch["tokens"])["params"]
@@ -304,6 +307,19 @@ def test_optimizers_freeze_groups_and_scale_rates(name):
     config.optimizer.frozen = ("vision_tower",)
     with pytest.raises(ValueError, match=r"unknown parameter groups \['vision_tower'\]"):
         build_optimizer(config).init(params)
+
+
+def test_frozen_groups_do_not_count_in_the_clipping_norm():
+    """Clipping sees only the groups that train (big_vision): a frozen group's large gradient changes nothing."""
+    rng = np.random.default_rng(0)
+    trained = {"text_tower": {"w": rng.normal(size=(4, 3)).astype(np.float32)}, "logit_scale": np.float32(3.0)}
+    clip = clip_trained_by_global_norm(1.0, frozen=("image_tower",))
+    for frozen_gradient in (0.0, 1e6):
+        updates = {**trained, "image_tower": {"w": np.full((5,), frozen_gradient, np.float32)}}
+        clipped, _ = clip.update(updates, clip.init(updates))
+        want, _ = optax.clip_by_global_norm(1.0).update(trained, optax.EmptyState())
+        assert_trees_close({k: clipped[k] for k in trained}, want, rtol=1e-6)
+    assert jax.tree.structure(clip.init(trained)) == jax.tree.structure(optax.clip_by_global_norm(1.0).init(trained))
 
 
 def test_nonfinite_updates_are_skipped_when_asked():

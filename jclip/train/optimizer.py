@@ -71,8 +71,22 @@ def _group_of(path) -> str:
     return str(getattr(path[0], "key", path[0]))
 
 
+def clip_trained_by_global_norm(max_norm: float, frozen: tuple[str, ...]) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` of the gradients of the groups that train: a frozen group's gradient (set to
+    zero after) neither counts in the norm nor is scaled, as in big_vision. Its state is optax's (empty), so
+    checkpoints keep their structure."""
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm({group: value for group, value in updates.items() if group not in frozen})
+        trigger = jnp.squeeze(norm < max_norm)
+        clipped = jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), updates)
+        return clipped, state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def build_optimizer(config: ConfigDict) -> optax.GradientTransformation:
-    """Global-norm clipping, then the optimizer, with frozen groups, per-group rates and finite checks."""
+    """Global-norm clipping of the trained groups, then the optimizer, with frozen groups, per-group rates and
+    finite checks."""
     opt = config.optimizer
     schedule = learning_rate_schedule(config)
     frozen = tuple(opt.get("frozen", ()))
@@ -90,7 +104,7 @@ def build_optimizer(config: ConfigDict) -> optax.GradientTransformation:
             lambda path, _: "frozen" if _group_of(path) in frozen
             else f"x{_group_of(path)}" if _group_of(path) in multipliers else "train", params)
 
-    optimizer = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), optax.multi_transform(groups, labels))
+    optimizer = optax.chain(clip_trained_by_global_norm(opt.grad_clip_norm, frozen), optax.multi_transform(groups, labels))
     if opt.get("skip_nonfinite", False):
         optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=opt.get("max_consecutive_nonfinite", 5))
     return optimizer
