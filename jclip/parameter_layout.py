@@ -19,6 +19,11 @@ from jclip.models.partitioning import fsdp_param_specs
 PARAMETER_SHARDINGS = ("replicated", "fsdp")
 
 
+def parameter_name(path) -> str:
+    """A parameter's name from its path in the parameter tree: "image_tower/encoder/block_0/mlp/fc/kernel"."""
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
 def example_inputs(image_shape: tuple[int, ...], text_length: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     """A batch of one image and one caption, abstractly: what the model is initialised and traced with."""
     return (jax.ShapeDtypeStruct((1, *image_shape), jnp.float32), jax.ShapeDtypeStruct((1, text_length), jnp.int32))

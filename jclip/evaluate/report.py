@@ -22,6 +22,13 @@ def flatten(metrics: Mapping, prefix: str) -> dict[str, float]:
     return flat
 
 
+def write_text(path: str, text: str) -> None:
+    """Write `text` to `path` whole or not at all: into a temporary file, then renamed over `path`."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_report(results: Mapping[str, TaskResult], workdir: str, step: int, title: str) -> dict:
     """Write `<workdir>/results.json` and `<workdir>/plots/<task>.png`, print the tables (process 0 only).
 
@@ -32,9 +39,7 @@ def write_report(results: Mapping[str, TaskResult], workdir: str, step: int, tit
         return report
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_text(path, json.dumps(report, indent=2))
     figures = os.path.join(workdir, "plots")
     lines = [f"\n{title} (step {step})"]
     for name, result in results.items():

@@ -290,15 +290,14 @@ def run_tasks(evaluator: Evaluator, tasks: Mapping[str, Mapping[str, Any]],
 def _task_images(kind: str, options: Mapping[str, Any],
                  data_dir: Optional[str]) -> list[tuple[str, tf.data.Dataset, bool]]:
     """(name, examples with an encoded "image" / "image_path", whether the task skips unreadable images) of
-    each image set a task of `kind` reads."""
+    each image set a task of `kind` reads; `options` are all the task function's arguments, defaults included."""
     if kind == "shapes":
-        builder = shapes.prepare(options.get("config", "default"), data_dir)
-        examples, _ = sources.read_tfds_slice(builder, options.get("split", "test"), "image")
+        builder = shapes.prepare(options["config"], data_dir)
+        examples, _ = sources.read_tfds_slice(builder, options["split"], "image")
         return [(builder.name, examples.map(lambda ex: {"image": ex["image"], "image_path": ""}), False)]
     if kind in ("zero_shot", "linear_probe"):
-        splits = ([options.get("split", "test")] if kind == "zero_shot"
-                  else [options.get("train_split", "train"), options.get("test_split", "test")])
-        keys = {key: options[key] for key in ("label_key", "image_key", "where", "class_names") if key in options}
+        splits = [options["split"]] if kind == "zero_shot" else [options["train_split"], options["test_split"]]
+        keys = {key: options[key] for key in ("label_key", "image_key", "where", "class_names")}
         sets = [read_labelled_images(options["dataset"], split, data_dir=data_dir, **keys) for split in splits]
         return [(data.name, data.examples, data.image_files) for data in sets]
     source, _ = sources.build_source(options["source"], data_dir)
@@ -312,7 +311,10 @@ def check_task_inputs(tasks: Mapping[str, Mapping[str, Any]], image_size: int, p
     through the ops. The trainer checks this before its first step, not after the training."""
     expected = (image_size, image_size, 3)
     for name, (kind, options) in select_tasks(tasks).items():
-        spec = options.get("preprocess") or preprocess
+        arguments = inspect.signature(TASK_KINDS[kind]).bind(None, **options)
+        arguments.apply_defaults()  # the task's own defaults (its split, its class names, ...)
+        options = arguments.arguments
+        spec = options["preprocess"] or preprocess
         try:
             image_sets = _task_images(kind, options, data_dir)
             for set_name, examples, skip_unreadable in image_sets:

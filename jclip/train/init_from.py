@@ -27,6 +27,7 @@ from jclip.checkpoint import locate, read_stored_params
 from jclip.convert.open_clip import from_open_clip
 from jclip.convert.state_dict_files import load_state_dict
 from jclip.models.vision import resize_positions
+from jclip.parameter_layout import parameter_name
 from jclip.train.state import StateLayout
 
 ALL = "all"
@@ -44,10 +45,6 @@ def _source_params(config: ConfigDict, layout: StateLayout) -> Any:
     run_directory, step = locate(None, path, None)
     params, _ = read_stored_params(run_directory, step, NamedSharding(layout.mesh, PartitionSpec()))
     return params
-
-
-def _keys(path) -> str:
-    return "/".join(str(getattr(key, "key", key)) for key in path)
 
 
 def _prefix(count: int) -> Optional[int]:
@@ -87,9 +84,9 @@ def pretrained_params(config: ConfigDict, layout: StateLayout, fresh: Any) -> An
                          "leave them out of config.init_from.parts")
     params = dict(fresh)
     for part in parts:
-        source_leaves = {_keys(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path({part: source[part]})}
+        source_leaves = {parameter_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path({part: source[part]})}
         target = layout.abstract.params[part]
-        target_leaves = {_keys(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path({part: target})}
+        target_leaves = {parameter_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path({part: target})}
         if set(source_leaves) != set(target_leaves):
             extra, absent = sorted(set(source_leaves) - set(target_leaves)), sorted(set(target_leaves) - set(source_leaves))
             raise ValueError(f"config.init_from: the {part} of {path} is another architecture than this run's "
@@ -97,5 +94,5 @@ def pretrained_params(config: ConfigDict, layout: StateLayout, fresh: Any) -> An
                              f"{len(extra) + len(absent)} such differences); take parts of the same architecture")
         fitted = {name: _fitted(name, np.asarray(jax.device_get(leaf)), target_leaves[name], path)
                   for name, leaf in source_leaves.items()}
-        params[part] = jax.tree_util.tree_map_with_path(lambda p, _: fitted[_keys(p)], {part: target})[part]
+        params[part] = jax.tree_util.tree_map_with_path(lambda p, _: fitted[parameter_name(p)], {part: target})[part]
     return params

@@ -28,7 +28,7 @@ from jclip.evaluate.report import flatten, write_report
 from jclip.evaluate.tasks import check_task_inputs, run_tasks
 from jclip.models.summary import training_flops_per_pair
 from jclip.train.metrics_writer import MetricsWriter
-from jclip.train.init_from import pretrained_params
+from jclip.train.init_from import ALL, pretrained_params
 from jclip.train.optimizer import build_optimizer, learning_rate_schedule
 from jclip.train.profiling import StepProfiler
 from jclip.train.state import StateLayout, TrainState, create_train_state, state_layout, train_state_from_params
@@ -118,7 +118,7 @@ def check_locked_parts_are_pretrained(config: ConfigDict) -> None:
     """A new run that locks parameter groups (`optimizer.frozen`) must take them from `init_from`: locked at
     their random initialisation they would be useless."""
     parts = tuple(config.init_from.parts) if config.init_from.path is not None else ()
-    random = [group for group in config.optimizer.frozen if "all" not in parts and group not in parts]
+    random = [group for group in config.optimizer.frozen if ALL not in parts and group not in parts]
     if random:
         raise ValueError(f"config.optimizer.frozen locks {random}, which this new run would keep at their random "
                          "initialisation: set config.init_from.path to pretrained weights (and config.init_from.parts "

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
+from jclip.parameter_layout import parameter_name
+
 # Parameters that get no weight decay besides 1-D ones (biases, norms, scale, bias):
 # learned position embeddings and the class token.
 NO_DECAY_PATTERN = re.compile(r"pos_embedding|cls_token")
@@ -46,8 +48,7 @@ def weight_decay_mask(params) -> dict:
     """True for the parameters weight decay applies to: kernels and token embeddings."""
 
     def decays(path, value):
-        name = "/".join(str(getattr(key, "key", key)) for key in path)
-        return value.ndim >= 2 and not NO_DECAY_PATTERN.search(name)
+        return value.ndim >= 2 and not NO_DECAY_PATTERN.search(parameter_name(path))
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

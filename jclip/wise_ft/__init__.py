@@ -33,8 +33,9 @@ from jclip.checkpoint import load_model, locate, read_record, save_parameters_on
 from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate import plots
 from jclip.evaluate.from_checkpoint import make_evaluator
-from jclip.evaluate.report import flatten
+from jclip.evaluate.report import flatten, write_text
 from jclip.evaluate.tasks import run_tasks, select_tasks
+from jclip.parameter_layout import parameter_name
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -103,7 +104,7 @@ def parse_alphas(values: Sequence[str]) -> list[float]:
 def _stored_shapes(run_directory: str, record: dict) -> dict[str, tuple]:
     """{parameter name: shape} of the parameters a checkpoint stores (its EMA when it keeps one)."""
     leaves = jax.tree_util.tree_leaves_with_path(stored_parameter_shapes(run_directory, record))
-    return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(leaf.shape) for p, leaf in leaves}
+    return {parameter_name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def check_same_architecture(pretrained: tuple[str, dict], finetuned: tuple[str, dict]) -> None:
@@ -204,12 +205,6 @@ def _best(alphas: Sequence[float], results: Sequence[Mapping[str, Mapping]], sel
     return alphas[index], values[index]
 
 
-def _write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 # -- WiSE-FT ----------------------------------------------------------------------------------------------------
 
 def wise_ft(config: ConfigDict, pretrained: str, finetuned: str, workdir: str,
@@ -270,9 +265,9 @@ def wise_ft(config: ConfigDict, pretrained: str, finetuned: str, workdir: str,
     }
     if not report_to_console:
         return report
-    _write(os.path.join(workdir, "config.json"), _run_config(config, record).to_json_best_effort(indent=2))
-    _write(os.path.join(workdir, "wise_ft.json"), json.dumps(report, indent=2))
-    _write(os.path.join(workdir, "wise_ft.md"), table + "\n")
+    write_text(os.path.join(workdir, "config.json"), _run_config(config, record).to_json_best_effort(indent=2))
+    write_text(os.path.join(workdir, "wise_ft.json"), json.dumps(report, indent=2))
+    write_text(os.path.join(workdir, "wise_ft.md"), table + "\n")
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
     figure = os.path.join(workdir, "plots", "wise_ft.png")
     plot_curves(figure, alphas, headlines, chosen)
