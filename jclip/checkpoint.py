@@ -204,6 +204,17 @@ def read_record(run_directory: str, step: Optional[int] = None) -> dict:
         checkpointer.close()
 
 
+def kept_steps(run_directory: str) -> list[int]:
+    """The steps of a run's kept (committed) checkpoints, in order."""
+    if not os.path.isdir(os.path.join(run_directory, "checkpoints")):
+        raise FileNotFoundError(f"no checkpoints in {run_directory}")
+    checkpointer = Checkpointer(run_directory, {}, save_every=1)
+    try:
+        return sorted(checkpointer.manager.all_steps())
+    finally:
+        checkpointer.close()
+
+
 def locate(workdir: Optional[str], checkpoint: Optional[str], step: Optional[int]) -> tuple[str, Optional[int]]:
     """(run directory, step) of a checkpoint given as a run directory (`workdir`, its latest or `step`) or
     as a path (`checkpoint`: `RUN/checkpoints/STEP`, or a run directory)."""
@@ -232,7 +243,7 @@ def load_model(config: ConfigDict, run_directory: str, step: Optional[int], mesh
     """
     record = read_record(run_directory, step)
     model_config = ConfigDict(record["model"])
-    if verbose and model_config.to_dict() != config.model.to_dict():
+    if verbose and config.get("model") is not None and model_config.to_dict() != config.model.to_dict():
         print(f"Using the checkpoint's own model ({record['model']}), not config.model.")
     model = models.model_class(model_config)(**model_config)
     if tokenizer is not None and tokenizer.vocab_size > model_config.text.vocab_size:

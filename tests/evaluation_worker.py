@@ -1,6 +1,7 @@
-"""One process of a multi-process evaluation on loopback, for tests: every task kind of `evaluation_tasks`.
+"""One process of a multi-process evaluation on loopback, for tests: every task kind of `evaluation_tasks`, or
+the tasks TASKS_JSON gives, with the micro model's evaluator (of batch size BATCH_SIZE).
 
-    python tests/evaluation_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR OUTPUT_JSON
+    python tests/evaluation_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR OUTPUT_JSON [TASKS_JSON [BATCH_SIZE]]
 """
 
 import json
@@ -8,6 +9,8 @@ import os
 import sys
 
 process_id, num_processes, port, data_dir, output = sys.argv[1:6]
+tasks = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
+batch_size = int(sys.argv[7]) if len(sys.argv) > 7 else 48
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 import jax  # noqa: E402  (after XLA_FLAGS)
@@ -20,7 +23,7 @@ from evaluation_tasks import TASKS, micro_evaluator  # noqa: E402
 from jclip import parallel  # noqa: E402
 from jclip.evaluate.tasks import run_tasks  # noqa: E402
 
-results = run_tasks(micro_evaluator(data_dir, parallel.make_mesh()), TASKS)
+results = run_tasks(micro_evaluator(data_dir, parallel.make_mesh(), batch_size), tasks or TASKS)
 if jax.process_index() == 0:
     with open(output, "w") as f:
         json.dump({name: result.metrics for name, result in results.items()}, f)

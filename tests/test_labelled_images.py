@@ -1,12 +1,13 @@
-"""Labelled images of one's own for `zero_shot` and `linear_probe`: a folder per class and a labelled CSV give
-what the same images as a tfds dataset give, on 1 and 8 devices and in 2 processes; unreadable images are
-skipped and counted; bad input gives one line naming the problem."""
+"""Labelled images of one's own for `zero_shot` and `linear_probe`: a folder per class, a labelled CSV and shards
+in CLIP_benchmark's WebDataset layout give what the same images as a tfds dataset give, on 1 and 8 devices and
+in 2 processes; unreadable images are skipped and counted; bad input gives one line naming the problem."""
 
 import csv
 import io
 import json
 import os
 import shutil
+import tarfile
 import textwrap
 
 import numpy as np
@@ -54,6 +55,33 @@ def _rows():
     return [(f"{name}/{file}", label) for label, name in enumerate(CLASSES) for file in FILES[name]]
 
 
+def write_shard(path, samples):
+    """A WebDataset tar of `samples`, each `{extension: bytes}` under the key s0000000, s0000001, ..."""
+    with tarfile.open(path, "w") as archive:
+        for index, sample in enumerate(samples):
+            for extension, content in sample.items():
+                member = tarfile.TarInfo(f"s{index:07d}.{extension}")
+                member.size = len(content)
+                archive.addfile(member, io.BytesIO(content))
+
+
+def write_benchmark_shards(folder, split, samples, shard_sizes, metadata=None, count_file=True):
+    """`samples` in CLIP_benchmark's layout: `folder/split/0.tar`, ... of `shard_sizes` samples each, with
+    `nshards.txt` (or without it), and the metadata files `{name: lines}` in `folder`."""
+    os.makedirs(os.path.join(folder, split), exist_ok=True)
+    begin = 0
+    for number, size in enumerate(shard_sizes):
+        write_shard(os.path.join(folder, split, f"{number}.tar"), samples[begin:begin + size])
+        begin += size
+    assert begin == len(samples)
+    if count_file:
+        with open(os.path.join(folder, split, "nshards.txt"), "w") as f:
+            f.write(f"{len(shard_sizes)}\n")
+    for name, lines in (metadata or {}).items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The two splits as class folders (`root/{split}`), as CSV files (integer labels, label names), and as a tfds
@@ -69,6 +97,16 @@ def data(tmp_path_factory):
         (root / split / "green" / "notes.txt").write_text("not an image, not listed")
         tfds_splits[split] = tf.data.Dataset.from_tensor_slices(
             {"image": [e for e, _ in encoded], "label": [label for _, label in encoded]})
+        samples = [{"png" if path.endswith(".png") else "jpg": image, "cls": str(label).encode()}
+                   for (path, _), (image, label) in zip(_rows(), encoded)]
+        metadata = {"classnames.txt": NAMES, "zeroshot_classification_templates.txt": ["a {c} picture."]}
+        write_benchmark_shards(root / "wds", split, samples, [10, 9] if split == "test" else [19], metadata,
+                               count_file=split == "test")
+        if split == "test":
+            # Between red/b.png and red/c.jpeg (process 1 of 2): an image that does not decode, a sample without
+            # its label and one without its image.
+            bad = [{"png": b"not an image", "cls": b"2"}, {"png": encoded[0][0]}, {"cls": b"1"}]
+            write_benchmark_shards(root / "corrupt_wds", split, samples[:15] + bad + samples[15:], [12, 10], metadata)
         with open(root / f"{split}_ints.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["filepath", "label", "note"])
@@ -118,7 +156,7 @@ def test_the_reference_is_what_the_tfds_dataset_holds(reference):
 
 
 @pytest.mark.parametrize("devices", [1, 8])
-@pytest.mark.parametrize("kind", ["folder", "csv_integers", "csv_names"])
+@pytest.mark.parametrize("kind", ["folder", "csv_integers", "csv_names", "wds"])
 def test_own_images_give_the_tfds_results(data, shapes_data_dir, reference, kind, devices):
     root = data["root"]
     dataset, options = {
@@ -126,6 +164,7 @@ def test_own_images_give_the_tfds_results(data, shapes_data_dir, reference, kind
         "csv_integers": (dict(kind="csv", path=str(root / "{split}_ints.csv")), {"class_names": NAMES}),
         "csv_names": (dict(kind="csv", path=str(root / "{split}_names.tsv"), image_column="image",
                            label_column="class"), {}),
+        "wds": (dict(kind="wds", path=str(root / "wds")), {}),
     }[kind]
     assert_same_results(_zero_shot(_evaluator(shapes_data_dir, devices), dataset, **options), reference)
 
@@ -140,6 +179,19 @@ def test_an_unreadable_image_is_skipped_and_counted(data, shapes_data_dir, refer
                        f"decoded: {data['root'] / 'corrupt' / 'test' / CORRUPT}"]
 
 
+def test_shards_bring_their_class_names_and_templates(data, shapes_data_dir, reference, capsys):
+    """Without `templates`, a wds dataset's zeroshot_classification_templates.txt ("a {c} picture.") is used; its
+    damaged samples (an image that does not decode, a sample without its label, one without its image) are
+    skipped and counted."""
+    evaluator = _evaluator(shapes_data_dir, 8)
+    for path, skipped in ((data["root"] / "wds", 0), (data["root"] / "corrupt_wds", 3)):
+        result = run_tasks(evaluator, {"t": dict(kind="zero_shot", dataset=dict(kind="wds", path=str(path)))})["t"]
+        assert_same_results(result, reference, skipped=skipped)
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: skipped")]
+    assert warning == [f"warning: skipped 3 image(s) of {data['root']}/corrupt_wds/test that cannot be read or "
+                       "decoded: #15, #16, #17"]
+
+
 def test_linear_probe_on_split_folders(data, shapes_data_dir):
     probe = dict(kind="linear_probe", shots=(1, 2))
     results = run_tasks(_evaluator(shapes_data_dir, 8), {
@@ -148,11 +200,12 @@ def test_linear_probe_on_split_folders(data, shapes_data_dir):
         # Without {split} in the path, the split is ignored: here both are the test folder.
         "one_folder": dict(probe, dataset=dict(kind="folder", path=str(data["root"] / "test"))),
         "tfds_test": dict(probe, dataset=data["tfds"], train_split="test"),
+        "wds": dict(probe, dataset=dict(kind="wds", path=str(data["root"] / "wds"))),
     })
     metrics = {name: {k: v for k, v in result.metrics.items() if k != "dataset"} for name, result in results.items()}
     assert metrics["folders"]["num_train"] == metrics["folders"]["num_test"] == 19
     assert metrics["folders"]["skipped_images"] == 0
-    assert metrics["folders"] == metrics["tfds"]
+    assert metrics["folders"] == metrics["tfds"] == metrics["wds"]
     assert metrics["one_folder"] == metrics["tfds_test"]
     assert metrics["one_folder"]["full"] != metrics["folders"]["full"]
 
@@ -195,7 +248,8 @@ def _write(path, text):
     "label not a class name", "label out of range", "integers without names", "wrong number of names",
     "imagenet names for 3 folders", "where", "label_key", "unknown kind", "no kind", "bad option",
     "class_names in the dict", "no path",
-    "empty csv", "row without label",
+    "empty csv", "row without label", "no shards", "no classnames.txt", "class index out of range",
+    "retrieval shards", "names for the shards",
 ])
 def test_bad_input_is_named_in_one_line(case, tmp_path, data):
     test = str(data["root"] / "test")
@@ -208,6 +262,13 @@ def test_bad_input_is_named_in_one_line(case, tmp_path, data):
     (tmp_path / "empty" / "cat" / "1.png").write_bytes(png)
     ints = _write(tmp_path / "ints.csv", "filepath,label\na.png,0\nb.png,2\nc.png,5\n")
     names = _write(tmp_path / "names.csv", "filepath,label\na.png,cat\nb.png,dog\nc.png,cow\n")
+    write_benchmark_shards(tmp_path / "plain", "test", [{"png": png, "cls": b"1"}], [1])
+    write_benchmark_shards(tmp_path / "range", "test", [{"png": png, "cls": b"0"}, {"png": png, "cls": b"3"}], [2],
+                           {"classnames.txt": ["cat", "dog", "cow"]})
+    write_benchmark_shards(tmp_path / "three", "test", [{"png": png, "cls": b"2"}], [1],
+                           {"classnames.txt": ["cat", "dog", "cow"]})
+    write_benchmark_shards(tmp_path / "captions", "test", [{"png": png, "txt": b"a cat"}], [1],
+                           {"dataset_type.txt": ["retrieval"]})
     options, error, message = {
         "missing folder": (dict(dataset=dict(kind="folder", path=str(tmp_path / "pets/{split}"))), FileNotFoundError,
                            f"no folder '{tmp_path}/pets/test': dataset=dict(kind='folder', path=...) takes a "
@@ -254,6 +315,21 @@ def test_bad_input_is_named_in_one_line(case, tmp_path, data):
         "row without label": (dict(dataset=dict(kind="csv", path=_write(tmp_path / "n.csv",
                                                                         "filepath,label\na.png,\n"))),
                               ValueError, "n.csv, line 2: no label"),
+        "no shards": (dict(dataset=dict(kind="wds", path=str(tmp_path / "wds_pets"))), FileNotFoundError,
+                      f"no CLIP_benchmark dataset at {tmp_path}/wds_pets; download one, e.g. `huggingface-cli "
+                      f"download clip-benchmark/wds_vtab-cifar10 --repo-type dataset --local-dir {tmp_path}/wds_pets`"),
+        "no classnames.txt": (dict(dataset=dict(kind="wds", path=str(tmp_path / "plain")), class_names="dataset"),
+                              ValueError, f"{tmp_path}/plain has no classnames.txt: add it (one class name per "
+                              "line, label i on line i + 1) or give the task class_names"),
+        "class index out of range": (dict(dataset=dict(kind="wds", path=str(tmp_path / "range"))), ValueError,
+                                     f"{tmp_path}/range/test/0.tar, sample s0000001: class index 3 is out of range "
+                                     f"for the 3 names of {tmp_path}/range/classnames.txt"),
+        "retrieval shards": (dict(dataset=dict(kind="wds", path=str(tmp_path / "captions"))), ValueError,
+                             f"{tmp_path}/captions is a retrieval dataset; classify a classification set, or give "
+                             "this one to a retrieval task as source=dict(kind='wds', path=...)"),
+        "names for the shards": (dict(dataset=dict(kind="wds", path=str(tmp_path / "three")),
+                                      class_names=["a", "b"]), ValueError,
+                                 f"2 class_names for the 3 classes of {tmp_path}/three/classnames.txt"),
     }[case]
     with pytest.raises(error) as raised:
         read_labelled_images(split="test", **options)
@@ -295,24 +371,6 @@ def test_a_folder_of_only_unreadable_images(tmp_path, shapes_data_dir):
         _zero_shot(_evaluator(shapes_data_dir, 1), dict(kind="folder", path=str(tmp_path)))
 
 
-WORKER = """
-import json, os, sys
-process_id, num_processes, port, data_dir, output, tasks = sys.argv[1:7]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=int(num_processes),
-                           process_id=int(process_id))
-from evaluation_tasks import micro_evaluator
-from jclip import parallel
-from jclip.evaluate.tasks import check_task_inputs, run_tasks
-results = run_tasks(micro_evaluator(data_dir, parallel.make_mesh(), batch_size=8), json.loads(tasks))
-if jax.process_index() == 0:
-    with open(output, "w") as f:
-        json.dump({name: result.metrics for name, result in results.items()}, f)
-"""
-
-
 def test_two_processes_give_the_single_process_results(tmp_path, data, shapes_data_dir):
     """2 processes x 2 devices, against 1 process x 8 devices: process 1's half of the test split holds the
     corrupt image (it yields one image fewer than it counted; process 0, which writes the results, none)."""
@@ -320,10 +378,10 @@ def test_two_processes_give_the_single_process_results(tmp_path, data, shapes_da
     tasks = {"zero_shot": dict(kind="zero_shot", dataset=dict(kind="folder", path=str(root / "corrupt" / "test")),
                                templates=["a {} picture."]),
              "probe": dict(kind="linear_probe", dataset=dict(kind="csv", path=str(root / "{split}_ints.csv")),
-                           class_names=NAMES, shots=[1, 2])}
-    (tmp_path / "worker.py").write_text(WORKER)
-    run_workers(str(tmp_path / "worker.py"), 2, shapes_data_dir, tmp_path / "results.json", json.dumps(tasks))
+                           class_names=NAMES, shots=[1, 2]),
+             "shards": dict(kind="zero_shot", dataset=dict(kind="wds", path=str(root / "corrupt_wds")))}
+    run_workers("evaluation_worker.py", 2, shapes_data_dir, tmp_path / "results.json", json.dumps(tasks), BATCH)
     single = run_tasks(_evaluator(shapes_data_dir, 8), tasks)
     with open(tmp_path / "results.json") as f:
         assert json.load(f) == json.loads(json.dumps({name: result.metrics for name, result in single.items()}))
-    assert single["zero_shot"].metrics["skipped_images"] == 1
+    assert single["zero_shot"].metrics["skipped_images"] == 1 and single["shards"].metrics["skipped_images"] == 3

@@ -9,18 +9,21 @@ A dataset is one of
   the class folder and its subfolders);
 - `dict(kind="csv", path=FILE, image_column="filepath", label_column="label", image_root=None)`: a CSV (a TSV
   by extension: .tsv, .tab) of image paths, relative to the file's folder or to `image_root`, and labels:
-  integers (label i is `class_names[i]`) or class names.
+  integers (label i is `class_names[i]`) or class names;
+- `dict(kind="wds", path=DIR)`: a dataset in CLIP_benchmark's WebDataset layout (`jclip.data.benchmark_shards`),
+  its class names from `classnames.txt` and its prompt templates from `zeroshot_classification_templates.txt`.
 
 For folders and CSV files, `{split}` in `path` becomes the split (`path="/data/pets/{split}"`); without it
-the split is ignored. Their images are read from the files when the evaluation visits them
-(`image_path`, see `sources.encoded_image`), and one that cannot be read or decoded is skipped and counted
-(`LabelledImages.image_files`). Each process reads a contiguous slice of the examples in a fixed order
-(folders: class by class, each class's files sorted; CSV: file order), so results do not depend on the
-process count.
+the split is ignored. `{data_dir}` in a path becomes `data_dir` (`config.data.data_dir`). Their images are read
+from the files when the evaluation visits them (`image_path`, see `sources.encoded_image`); for these and for
+shards, an image that cannot be read or decoded is skipped and counted (`LabelledImages.skips_unreadable`).
+Each process reads a contiguous slice of the examples in a fixed order (folders: class by class, each class's
+files sorted; CSV: file order; shards: shard order), so results do not depend on the process count.
 
-`class_names`: "dataset" (the tfds label feature's names, the folder names or the CSV's distinct label
-names, sorted; "_" shown as a space), "imagenet" (CLIP's ImageNet names, for labels 0..999) or a list (one
-name per class: per tfds label, per sorted class folder, per CSV integer label; or for CSV label names,
+`class_names`: "dataset" (the tfds label feature's names, the folder names, the CSV's distinct label
+names, sorted, or the shards' classnames.txt; "_" shown as a space), "imagenet" (CLIP's ImageNet names, for
+labels 0..999), a benchmark dataset's name (CLIP's curated names, `prompts.dataset_class_names`) or a list
+(one name per class: per tfds label, per sorted class folder, per integer label; or for CSV label names,
 exactly the classes, in this order).
 """
 
@@ -33,6 +36,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import tensorflow as tf
 
 from jclip.data import prompts, sources
+from jclip.data.benchmark_shards import read_benchmark_shards
 
 
 @dataclasses.dataclass
@@ -44,7 +48,8 @@ class LabelledImages:
     num_examples: int
     class_names: list[str]  # label i is class_names[i], as words ("aquarium fish")
     classes: list[str] = dataclasses.field(default_factory=list)  # the dataset's own class keys (folder names, ...)
-    image_files: bool = False  # images read from `image_path` at each visit; unreadable ones are skipped
+    skips_unreadable: bool = False  # an image that cannot be read or decoded is skipped and counted
+    templates: Optional[list[str]] = None  # the dataset's own prompt templates, if it has them
 
 
 def read_labelled_images(dataset: Union[str, Mapping[str, Any]], split: str = "test", *, label_key: str = "label",
@@ -61,7 +66,7 @@ def read_labelled_images(dataset: Union[str, Mapping[str, Any]], split: str = "t
     kind = options.pop("kind", None)
     if kind not in _FILE_KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}: give a tfds dataset's name or directory (a string), "
-                         f"or a dict with kind 'folder' or 'csv' (and path=...)")
+                         f"or a dict with kind 'folder', 'csv' or 'wds' (and path=...)")
     if where:
         raise ValueError(f"where={dict(where)!r} selects tfds examples by their features; a {kind!r} dataset has "
                          "none: remove `where` and list only the images to use")
@@ -71,19 +76,50 @@ def read_labelled_images(dataset: Union[str, Mapping[str, Any]], split: str = "t
                             if kind == "csv" else ""))
     if "path" not in options:
         raise ValueError(f"a {kind!r} dataset needs a path: dataset=dict(kind={kind!r}, path=...)")
-    path = str(options.pop("path"))
+    path = sources.resolve_data_dir(str(options.pop("path")), data_dir)
     read, takes = _FILE_KINDS[kind]
     if set(options) - set(takes):
         raise ValueError(f"a {kind!r} dataset has no option(s) {sorted(set(options) - set(takes))}; it takes path"
                          + "".join(f", {option}" for option in takes)
                          + (" (class_names is an option of the task)" if "class_names" in options else ""))
-    paths, labels, classes, names = read(path.replace("{split}", split), class_names, **options)
     process_index, process_count = sources._process(process_index, process_count)
+    if kind == "wds":
+        return _shards(path, split, class_names, process_index, process_count)
+    paths, labels, classes, names = read(path.replace("{split}", split), class_names, **options)
     begin, end = len(paths) * process_index // process_count, len(paths) * (process_index + 1) // process_count
     examples = tf.data.Dataset.from_tensor_slices(
         (tf.constant(paths[begin:end], tf.string), tf.constant(labels[begin:end], tf.int64))
     ).map(lambda p, label: {"image": tf.constant(b""), "image_path": p, "label": label})
-    return LabelledImages(path.replace("{split}", split), examples, end - begin, names, classes, image_files=True)
+    return LabelledImages(path.replace("{split}", split), examples, end - begin, names, classes,
+                          skips_unreadable=True)
+
+
+def _shards(path, split, class_names, process_index, process_count) -> LabelledImages:
+    shards = read_benchmark_shards(path, split)
+    if shards.kind != "classification":
+        raise ValueError(f"{path} is a {shards.kind} dataset; classify a classification set, or give this one "
+                         "to a retrieval task as source=dict(kind='wds', path=...)")
+    labels = shards.labels()
+    given = _given_names(class_names, -1, "")
+    if given is None and class_names is None and shards.class_names is None:  # names not needed (images only)
+        given = [str(i) for i in range(max(labels.max() + 1, 1))]
+    if given is None:
+        if shards.class_names is None:
+            raise ValueError(f"{path} has no classnames.txt: add it (one class name per line, label i on line i + 1) "
+                             "or give the task class_names (a list, or a benchmark dataset's name)")
+        given = shards.class_names
+    elif shards.class_names is not None and len(given) != len(shards.class_names):
+        raise ValueError(f"{len(given)} class_names for the {len(shards.class_names)} classes of "
+                         f"{path}/classnames.txt; give one name per class, in label order")
+    wrong = labels >= len(given)
+    if wrong.any():
+        sample = shards.samples[int(wrong.argmax())]
+        raise ValueError(f"{sample.shard}, sample {sample.key}: class index {sample.label} is out of range for the "
+                         f"{len(given)} class_names; fix the sample or class_names")
+    count = len(shards.samples)
+    begin, end = count * process_index // process_count, count * (process_index + 1) // process_count
+    return LabelledImages(shards.name, shards.examples(begin, end), end - begin, list(given),
+                          list(shards.class_names or given), skips_unreadable=True, templates=shards.templates)
 
 
 def _tfds_images(dataset, split, label_key, image_key, class_names, where, data_dir, process_index,
@@ -112,9 +148,7 @@ def _given_names(spec, count: int, what: str) -> Optional[list[str]]:
     if isinstance(spec, str):
         if spec == "dataset":
             return None
-        if spec != "imagenet":
-            raise ValueError(f"class_names={spec!r}: use 'dataset', 'imagenet' or a list of names")
-        names = list(prompts.imagenet_class_names())
+        names = list(prompts.class_names(spec))
     else:
         names = [str(name) for name in spec]
     if count >= 0 and len(names) != count:
@@ -213,4 +247,5 @@ def _csv(file: str, class_names="dataset", image_column: str = "filepath", label
 
 
 # The reader of each kind of dataset dict and its options besides `path`.
-_FILE_KINDS = {"folder": (_folder, ()), "csv": (_csv, ("image_column", "label_column", "image_root"))}
+_FILE_KINDS = {"folder": (_folder, ()), "csv": (_csv, ("image_column", "label_column", "image_root")),
+               "wds": (None, ())}

@@ -5,9 +5,15 @@ and OpenCLIP uses them: the 80 ImageNet templates, the 7-template subset CLIP se
 ("simple"), and the 18 CIFAR templates. The ImageNet class names are CLIP's curated
 names of the 1000 ILSVRC-2012 classes (in label order), which read far better in a
 prompt than WordNet ids or synset lemmas.
+
+For the standard CLIP benchmark suite, each dataset's own templates (OpenAI's published prompts) and class
+names come from LAION's CLIP_benchmark, with CLIP's curated names where CLIP_benchmark takes them from
+torchvision (`benchmark_prompts.json`, which names its sources), selected by the dataset's CLIP_benchmark
+name: `templates("cifar10")`, `dataset_class_names("vtab/cifar10")`.
 """
 
 import functools
+import json
 import os
 from typing import Sequence, Union
 
@@ -58,14 +64,79 @@ def imagenet_class_names() -> tuple[str, ...]:
         return tuple(line.rstrip("\n") for line in f)
 
 
+@functools.cache
+def _benchmark_table() -> dict[str, dict[str, tuple[str, ...]]]:
+    """benchmark_prompts.json by dataset; imagenet1k's class names are CLIP's (identical to CLIP_benchmark's)."""
+    with open(os.path.join(os.path.dirname(__file__), "benchmark_prompts.json"), encoding="utf-8") as f:
+        table = {name: {key: tuple(values) for key, values in entry.items()}
+                 for name, entry in json.load(f).items() if not name.startswith("_")}
+    table["imagenet1k"]["class_names"] = imagenet_class_names()
+    return table
+
+
+def benchmark_datasets() -> tuple[str, ...]:
+    """The datasets with templates in CLIP_benchmark (as it names them: "cifar10", "cars", "imagenet1k", ...)."""
+    return tuple(sorted(_benchmark_table()))
+
+
+def _benchmark_entry(name: str) -> tuple[str, bool, dict]:
+    """(the table's name, whether `name` reads TFDS's labels, its entry), found as CLIP_benchmark looks up
+    templates: "wds/vtab/cifar10", "vtab/cifar10" and "cifar10" all find "cifar10"."""
+    key = name.removeprefix("wds/")
+    tfds_labels = key.startswith(("vtab/", "tfds/"))
+    if tfds_labels:
+        key = key.split("/", 1)[1]
+    if key not in _benchmark_table():
+        raise ValueError(f"unknown benchmark dataset {name!r}; CLIP_benchmark's are {', '.join(benchmark_datasets())} "
+                         "(also as 'vtab/NAME', 'tfds/NAME', 'wds/...')")
+    return key, tfds_labels, _benchmark_table()[key]
+
+
+def dataset_templates(name: str) -> tuple[str, ...]:
+    """CLIP_benchmark's templates for the dataset `name` ("cifar10", "vtab/cifar10", "wds/vtab/cifar10")."""
+    return _benchmark_entry(name)[2]["templates"]
+
+
+def dataset_class_names(name: str) -> tuple[str, ...]:
+    """The class names of the dataset `name`, in the label order of CLIP_benchmark's loader for that name:
+    torchvision's for a plain name, TFDS's (VTAB's) for "vtab/NAME" and "tfds/NAME", which differs for
+    caltech101 and food101."""
+    key, tfds_labels, entry = _benchmark_entry(name)
+    names = (tfds_labels and entry.get("tfds_class_names")) or entry.get("class_names")
+    if names is None:
+        named = [n for n in benchmark_datasets() if "class_names" in _benchmark_table()[n]]
+        raise ValueError(f"CLIP_benchmark has no class names for {key!r}: it uses the dataset's own; use those or "
+                         f"give a list (datasets with class names: {', '.join(named)})")
+    return names
+
+
 def templates(spec: Union[str, Sequence[str]]) -> tuple[str, ...]:
-    """The templates named `spec` (a key of TEMPLATES), or `spec` itself when it is a list of templates."""
+    """The templates named `spec` (a key of TEMPLATES, else a benchmark dataset's name, see
+    `dataset_templates`), or `spec` itself when it is a list of templates."""
     if isinstance(spec, str):
-        if spec not in TEMPLATES:
-            raise ValueError(f"unknown template set {spec!r}; use one of {sorted(TEMPLATES)} or a list of templates")
-        return TEMPLATES[spec]
+        if spec in TEMPLATES:
+            return TEMPLATES[spec]
+        try:
+            return dataset_templates(spec)
+        except ValueError:
+            raise ValueError(f"unknown template set {spec!r}; use one of {sorted(TEMPLATES)}, a benchmark dataset's "
+                             f"name ({', '.join(benchmark_datasets())}) or a list of templates") from None
     spec = tuple(spec)
     bad = [t for t in spec if t.count("{}") != 1]
     if not spec or bad:
         raise ValueError(f"templates must each hold one '{{}}' for the class name; got {bad or spec}")
     return spec
+
+
+def class_names(spec: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """The class names `spec` gives: CLIP's ImageNet names ("imagenet"), a benchmark dataset's (its name, see
+    `dataset_class_names`), or `spec` itself when it is a list of names."""
+    if isinstance(spec, str):
+        if spec == "imagenet":
+            return imagenet_class_names()
+        try:
+            return dataset_class_names(spec)
+        except ValueError as error:
+            raise ValueError(f"class_names={spec!r}: use 'dataset', 'imagenet', a benchmark dataset's name or a list "
+                             f"of names ({error})") from None
+    return tuple(str(name) for name in spec)

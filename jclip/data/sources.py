@@ -13,9 +13,11 @@ shuffles it per epoch, reads, samples one caption per visit and decodes. Sources
              templates: "simple", class_names: "imagenet"}  # class names -> captions
     csv:    {kind: "csv", path: "pairs.tsv", image_column: "filepath", caption_column: "title"}
     tar:    {kind: "tar", pattern: "/data/shards/*.tar"}        # WebDataset / img2dataset shards
+    wds:    {kind: "wds", path: "/data/wds_flickr30k", split: "test"}  # CLIP_benchmark's layout
 
 Each process reads its own slice: `tfds.split_for_jax_process` for tfds, a
-contiguous range of rows for CSV, every process_count-th shard for tar.
+contiguous range of rows for CSV and of samples for wds, every process_count-th shard for tar.
+`{data_dir}` in a CSV or wds path becomes `config.data.data_dir`.
 """
 
 import csv
@@ -32,6 +34,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jclip.data import prompts, shapes
+from jclip.data.benchmark_shards import read_benchmark_shards
 
 # A tfds dataset up to this size is kept in memory once read (tfds's own auto-cache rule): later epochs
 # then cost no file reads or record parsing.
@@ -129,9 +132,7 @@ def label_names(builder: tfds.core.DatasetBuilder, label_key: str, spec="dataset
         raise ValueError(f"{builder.name}'s feature {label_key!r} is not a class label")
     if spec == "dataset":
         return [name.replace("_", " ") for name in feature.names]
-    if isinstance(spec, str) and spec != "imagenet":
-        raise ValueError(f"class_names={spec!r}: use 'dataset', 'imagenet' or a list of names")
-    names = list(prompts.imagenet_class_names() if spec == "imagenet" else spec)
+    names = list(prompts.class_names(spec))
     if len(names) != feature.num_classes:
         raise ValueError(f"{len(names)} class names for the {feature.num_classes} classes of {builder.name}'s "
                          f"{label_key!r}")
@@ -254,7 +255,32 @@ def tar_source(pattern: str, *, process_index=None, process_count=None) -> Sourc
     return Source(pattern, examples, sum(_count_tar_samples(s) for s in mine))
 
 
-SOURCE_KINDS = {"shapes": shapes_source, "tfds": tfds_source, "csv": csv_source, "tar": tar_source}
+def wds_source(path: str, *, split: str = "test", process_index=None, process_count=None) -> Source:
+    """An image–caption set in CLIP_benchmark's WebDataset layout (`jclip.data.benchmark_shards`), such as its
+    Flickr30k and MSCOCO retrieval sets."""
+    shards = read_benchmark_shards(path, split)
+    if shards.kind != "retrieval":
+        raise ValueError(f"{path} is a {shards.kind} set, not an image–caption one (its dataset_type.txt is not "
+                         "'retrieval'): evaluate it with zero_shot or linear_probe, dataset=dict(kind='wds', path=...)")
+    process_index, process_count = _process(process_index, process_count)
+    count = len(shards.samples)
+    begin, end = count * process_index // process_count, count * (process_index + 1) // process_count
+    examples = shards.examples(begin, end).map(lambda ex: {key: ex[key] for key in _SIGNATURE})
+    return Source(shards.name, examples, end - begin)
+
+
+def resolve_data_dir(path: str, data_dir: Optional[str]) -> str:
+    """`path` with `{data_dir}` replaced by `data_dir` (`config.data.data_dir`)."""
+    if "{data_dir}" not in path:
+        return path
+    if not data_dir:
+        raise ValueError(f"the path {path!r} holds {{data_dir}}, but no data_dir is set: set config.data.data_dir "
+                         "(or pass --data_dir)")
+    return path.replace("{data_dir}", data_dir)
+
+
+SOURCE_KINDS = {"shapes": shapes_source, "tfds": tfds_source, "csv": csv_source, "tar": tar_source,
+                "wds": wds_source}
 
 
 def build_source(options: Mapping[str, Any], data_dir: Optional[str] = None, *,
@@ -266,6 +292,9 @@ def build_source(options: Mapping[str, Any], data_dir: Optional[str] = None, *,
         raise ValueError(f"unknown source kind {kind!r}; use one of {sorted(SOURCE_KINDS)}")
     if kind in ("shapes", "tfds") and options.get("data_dir") is None:
         options["data_dir"] = data_dir
+    for key in ("path", "pattern"):
+        if isinstance(options.get(key), str):
+            options[key] = resolve_data_dir(options[key], data_dir)
     try:
         source = SOURCE_KINDS[kind](**options, process_index=process_index, process_count=process_count)
     except TypeError as error:

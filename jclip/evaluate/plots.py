@@ -61,3 +61,24 @@ def similarity_matrix(path: str, similarity: np.ndarray, captions: Sequence[str]
     axes.set_ylabel("image")
     axes.set_title(title, fontsize=10)
     _save(figure, path)
+
+
+def line_panels(path: str, panels: Sequence[tuple[str, dict]], xlabel: str, title: str) -> None:
+    """A grid of panels, each `(title, {line name: [[x, value], ...]})`, values as percentages; a single
+    point is drawn as a marker."""
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows + 0.6), squeeze=False)
+    for axes, (name, lines) in zip(grid.flat, panels):
+        for label, points in lines.items():
+            axes.plot(points[:, 0], 100 * points[:, 1], marker="o", markersize=3, label=label)
+        axes.set_title(name, fontsize=9)
+        axes.set_xlabel(xlabel, fontsize=8)
+        axes.set_ylabel("%", fontsize=8)
+        axes.tick_params(labelsize=7)
+        if len(lines) > 1:
+            axes.legend(fontsize=7)
+    for axes in list(grid.flat)[len(panels):]:
+        axes.set_visible(False)
+    figure.suptitle(title, fontsize=11)
+    _save(figure, path)

@@ -6,20 +6,29 @@ Each entry is `name: dict(kind=KIND, **options)`; the kinds and their options:
 - `zero_shot` (dataset, split, label_key, image_key, class_names, templates, preprocess, classes, where):
   zero-shot classification of labelled images by prompt ensembling; top-1/top-5 and mean per-class recall.
   `dataset`: a tfds dataset's name or directory, `dict(kind="folder", path=DIR)` (a subfolder of images per
-  class) or `dict(kind="csv", path=FILE, image_column="filepath", label_column="label", image_root=None)`;
-  `{split}` in a path becomes the split (`jclip.data.labelled_images`); their unreadable images are
-  skipped and counted (`skipped_images`). `class_names`: "dataset" (the label feature's names, the folder
-  names, the CSV's label names), "imagenet" (CLIP's ImageNet names) or a list;
-  `templates`: a set of `jclip.data.prompts.TEMPLATES` or a list; `classes="present"` restricts the
-  classifier to the classes present in the labels (ImageNet-A/-R's 200-class subsets); `where` (tfds)
-  keeps the examples whose features have the given values, e.g. `{"num_objects": 1}`.
+  class), `dict(kind="csv", path=FILE, image_column="filepath", label_column="label", image_root=None)` or
+  `dict(kind="wds", path=DIR)` (CLIP_benchmark's shards); `{split}` and `{data_dir}` in a path are filled in
+  (`jclip.data.labelled_images`); unreadable images of files and shards are skipped and counted
+  (`skipped_images`). `class_names`: "dataset" (the label feature's names, the folder names, the CSV's label
+  names, the shards' classnames.txt), "imagenet" (CLIP's ImageNet names), a benchmark dataset's name
+  (`prompts.dataset_class_names`) or a list; `templates`: a set of `jclip.data.prompts.TEMPLATES`, a
+  benchmark dataset's name, a list, or None: the dataset's own (the shards' templates file), else "simple";
+  `classes="present"` restricts the classifier to the classes present in the labels (ImageNet-A/-R's
+  200-class subsets); `where` (tfds) keeps the examples whose features have the given values.
 - `retrieval` (source, preprocess, ks): image→text and text→image Recall@K on an image–text source
-  (an entry like those of `config.data.sources`), with every caption of an image relevant to it.
+  (an entry like those of `config.data.sources`, `dict(kind="wds", path=DIR)` for CLIP_benchmark's
+  Flickr30k and MSCOCO), with every caption of an image relevant to it; similarities in tiles, so memory
+  grows linearly with the set (`jclip.evaluate.retrieval`).
 - `compositionality` (source, preprocess, attributes, kinds, seed): ARO-style true vs perturbed
   captions (`jclip.evaluate.compositionality`); `attributes="shapes"` names the shapes words.
+- `sugarcrepe` (path, image_root, kinds, preprocess): SugarCrepe's true caption vs a fluent hard negative,
+  per perturbation kind and their means (`jclip.evaluate.sugarcrepe`).
 - `linear_probe` (dataset, train_split, test_split, label_key, image_key, class_names, preprocess, shots,
   l2_values, seed, where): closed-form ridge probes on frozen image embeddings, few-shot and on the full train
   split; `dataset` and `class_names` as for `zero_shot` (`path="/data/pets/{split}"` for split folders).
+
+A task whose data is not on disk raises `DatasetMissing`; with `skip_missing`, `run_tasks` reports such tasks as
+absent instead (the benchmark suite's config runs whatever part of the suite is present).
 
 Every task embeds with `Evaluator`, sharded over all devices and processes. A task's `preprocess` is by default
 the evaluator's, the model's evaluation preprocessing (`preprocess.evaluation_spec`: the shorter side resized to
@@ -40,17 +49,19 @@ from jax.sharding import Mesh
 
 from jclip import parallel
 from jclip.data import prompts, shapes, sources
+from jclip.data.benchmark_shards import DatasetMissing
 from jclip.data.labelled_images import LabelledImages, read_labelled_images
 from jclip.data.negatives import KINDS
 from jclip.evaluate import plots
 from jclip.evaluate.classification import (mean_per_class_recall, per_class_accuracy, top_k_accuracy,
                                            zero_shot_classifier)
-from jclip.evaluate.compositionality import compositionality
+from jclip.evaluate.compositionality import compositionality, true_caption_preferred
 from jclip.evaluate.datasets import LocalImages
 from jclip.evaluate.embed import embed_all, embed_stream
 from jclip.evaluate.linear_probe import DEFAULT_L2, probe_accuracy
-from jclip.evaluate.retrieval import recall_at_k
+from jclip.evaluate.retrieval import retrieval_recalls
 from jclip.evaluate.shapes_benchmark import evaluate_shapes, format_table
+from jclip.evaluate.sugarcrepe import caption_pair_metrics, read_caption_pairs
 
 @dataclasses.dataclass
 class Evaluator:
@@ -103,6 +114,15 @@ class TaskResult:
     plot: Optional[Callable[[str], None]] = None  # draws the figure into a PNG file at the given path
     outputs: dict = dataclasses.field(default_factory=dict)  # per-example arrays (predictions), not in results.json
 
+    @property
+    def absent(self) -> bool:
+        """The task did not run: its data is not on disk (`metrics["absent"]` says why)."""
+        return "absent" in self.metrics
+
+
+def absent_result(reason: str) -> TaskResult:
+    return TaskResult({"absent": reason}, f"not evaluated: {reason}")
+
 
 def metrics_table(metrics: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Markdown rows `| metric | value |` of the numeric leaves: fractions as percentages, counts as they are."""
@@ -128,23 +148,23 @@ def _table(metrics: Mapping[str, Any]) -> str:
 
 def _labelled_images(evaluator: Evaluator, data: LabelledImages, preprocess: Optional[str]):
     """(image embeddings, labels, number of images skipped) of `data`'s examples in all processes. Images of
-    folder and CSV datasets that cannot be read or decoded are skipped, counted and named in a warning."""
+    folder, CSV and shard datasets that cannot be read or decoded are skipped, counted and named in a warning."""
     images = evaluator.local_images(data.name, data.examples, data.num_examples, preprocess,
-                                    fields=lambda ex: {"label": ex["label"]}, skip_unreadable=data.image_files)
+                                    fields=lambda ex: {"label": ex["label"]}, skip_unreadable=data.skips_unreadable)
     embeddings = evaluator.embed_images(images)
     labels = parallel.gather_from_processes(np.asarray(images.fields.get("label", []), np.int64))
     return embeddings, labels, images.gather_skipped()
 
 
 def zero_shot_task(evaluator: Evaluator, dataset, split: str = "test", label_key: str = "label",
-                   image_key: str = "image", class_names="dataset", templates="simple",
+                   image_key: str = "image", class_names="dataset", templates=None,
                    preprocess: Optional[str] = None, classes: str = "all", ks: Sequence[int] = (1, 5),
                    where: Optional[Mapping[str, int]] = None):
     data = read_labelled_images(dataset, split, label_key=label_key, image_key=image_key, class_names=class_names,
                                 where=where, data_dir=evaluator.data_dir)
     images, labels, skipped = _labelled_images(evaluator, data, preprocess)
     names = data.class_names
-    template_set = prompts.templates(templates)
+    template_set = prompts.templates(templates or data.templates or "simple")
     if classes not in ("all", "present"):
         raise ValueError(f"classes={classes!r}: use 'all' or 'present'")
     used = np.unique(labels) if classes == "present" else np.arange(len(names))
@@ -167,43 +187,40 @@ def zero_shot_task(evaluator: Evaluator, dataset, split: str = "test", label_key
 
 
 def _captioned_images(evaluator: Evaluator, source: Mapping[str, Any], preprocess: Optional[str]):
-    """(image embeddings, captions per image) of an image–text source, all processes' examples."""
+    """(image embeddings, captions per image, number of images skipped) of an image–text source, all processes'
+    examples; an image that cannot be read or decoded is skipped with its captions, counted and named."""
     local, _ = sources.build_source(source, evaluator.data_dir)
     images = evaluator.local_images(local.name, local.examples, local.num_examples, preprocess,
-                                    fields=lambda ex: {"captions": ex["captions"]})
+                                    fields=lambda ex: {"captions": ex["captions"]}, skip_unreadable=True)
     embeddings = evaluator.embed_images(images)
+    skipped = images.gather_skipped()
     local_captions = [[c.decode("utf-8").strip() for c in captions] for captions in images.fields.get("captions", [])]
     local_captions = [[c for c in captions if c] for captions in local_captions]
     counts = parallel.gather_from_processes(np.array([len(c) for c in local_captions], np.int64))
     flat = parallel.gather_strings([c for captions in local_captions for c in captions])
     ends = np.cumsum(counts)
-    return embeddings, [flat[end - count:end] for count, end in zip(counts, ends)]
+    return embeddings, [flat[end - count:end] for count, end in zip(counts, ends)], skipped
 
 
 def retrieval_task(evaluator: Evaluator, source: Mapping[str, Any], preprocess: Optional[str] = None,
                    ks: Sequence[int] = (1, 5, 10)):
-    images, captions = _captioned_images(evaluator, source, preprocess)
+    images, captions, skipped = _captioned_images(evaluator, source, preprocess)
     owner = np.array([i for i, c in enumerate(captions) for _ in c], np.int64)
     texts = evaluator.embed_texts([c for per_image in captions for c in per_image])
     has_caption = np.array([len(c) > 0 for c in captions])
-    relevant = owner[None, :] == np.arange(len(images))[:, None]
-    similarity = images @ texts.T
-    metrics = {
-        "num_images": int(has_caption.sum()), "num_captions": int(len(owner)),
-        "image_to_text": {f"R@{k}": v for k, v in
-                          recall_at_k(similarity[has_caption], relevant[has_caption], ks).items()},
-        "text_to_image": {f"R@{k}": v for k, v in recall_at_k(similarity.T, relevant.T, ks).items()},
-    }
+    recalls = retrieval_recalls(images, texts, owner, ks)
+    metrics = {"num_images": int(has_caption.sum()), "num_captions": int(len(owner)), "skipped_images": skipped,
+               **{direction: {f"R@{k}": v for k, v in recall.items()} for direction, recall in recalls.items()}}
     shown = np.flatnonzero(has_caption)[:16]
     first_caption = np.array([np.flatnonzero(owner == i)[0] for i in shown], np.int64)
     return TaskResult(metrics, _table(metrics), lambda path: plots.similarity_matrix(
-        path, similarity[np.ix_(shown, first_caption)], [captions[i][0] for i in shown],
+        path, images[shown] @ texts[first_caption].T, [captions[i][0] for i in shown],
         "Image–caption similarity (rows: images, columns: their first captions)"))
 
 
 def compositionality_task(evaluator: Evaluator, source: Mapping[str, Any], preprocess: Optional[str] = None,
                           attributes=(), kinds: Sequence[str] = KINDS, seed: int = 0):
-    images, captions = _captioned_images(evaluator, source, preprocess)
+    images, captions, _ = _captioned_images(evaluator, source, preprocess)
     keep = np.array([len(c) > 0 for c in captions])
     if attributes == "shapes":
         attributes = (shapes.COLOURS, shapes.SIZES, shapes.SHAPES)
@@ -213,6 +230,45 @@ def compositionality_task(evaluator: Evaluator, source: Mapping[str, Any], prepr
     return TaskResult(metrics, _table(metrics), lambda path: plots.bars(
         path, measured, [metrics[k]["accuracy"] for k in measured],
         "True caption preferred over the perturbed one", "accuracy", chance=0.5))
+
+
+def _caption_pair_images(images: Sequence[str]) -> tuple[str, tf.data.Dataset, int]:
+    """(name, this process's contiguous slice of the image files with their indices, its size)."""
+    begin = len(images) * jax.process_index() // jax.process_count()
+    end = len(images) * (jax.process_index() + 1) // jax.process_count()
+    examples = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(list(images[begin:end]), tf.string), tf.range(begin, end, dtype=tf.int64))
+    ).map(lambda path, index: {"image": tf.constant(b""), "image_path": path, "index": index})
+    return "SugarCrepe's images", examples, end - begin
+
+
+def sugarcrepe_task(evaluator: Evaluator, path: str, image_root: Optional[str] = None,
+                    kinds: Optional[Sequence[str]] = None, preprocess: Optional[str] = None):
+    path = sources.resolve_data_dir(path, evaluator.data_dir)
+    image_root = image_root and sources.resolve_data_dir(image_root, evaluator.data_dir)
+    image_files, pairs = read_caption_pairs(path, image_root, kinds)
+    name, examples, count = _caption_pair_images(image_files)
+    images = evaluator.local_images(name, examples, count, preprocess, fields=lambda ex: {"index": ex["index"]},
+                                    skip_unreadable=True)
+    embedded = evaluator.embed_images(images)
+    row = np.full(len(image_files), -1, np.int64)  # each image's row of `embedded`; -1: skipped
+    row[parallel.gather_from_processes(np.asarray(images.fields.get("index", []), np.int64))] = np.arange(len(embedded))
+    skipped = images.gather_skipped()
+    wins = {}
+    for kind, kind_pairs in pairs.items():
+        keep = np.flatnonzero(row[kind_pairs.image] >= 0)  # pairs whose image was read
+        if not len(keep):
+            wins[kind] = np.zeros(0, bool)
+            continue
+        texts = evaluator.embed_texts([kind_pairs.captions[i] for i in keep] + [kind_pairs.negatives[i] for i in keep])
+        true_texts, negative_texts = np.split(texts, 2)
+        wins[kind] = true_caption_preferred(embedded[row[kind_pairs.image[keep]]], true_texts, negative_texts)
+    metrics = {**caption_pair_metrics(wins), "num_images": int(len(embedded)), "skipped_images": skipped}
+    measured = [k for k in pairs if metrics[k]["count"]]
+    return TaskResult(metrics, _table(metrics), lambda path: plots.bars(
+        path, measured, [metrics[k]["accuracy"] for k in measured],
+        f"SugarCrepe: true caption preferred over the hard negative (mean {100 * metrics['mean']:.1f} %)",
+        "accuracy", chance=0.5))
 
 
 def linear_probe_task(evaluator: Evaluator, dataset, train_split: str = "train", test_split: str = "test",
@@ -257,7 +313,8 @@ def shapes_task(evaluator: Evaluator, config: str = "default", split: str = "tes
 
 
 TASK_KINDS = {"shapes": shapes_task, "zero_shot": zero_shot_task, "retrieval": retrieval_task,
-              "compositionality": compositionality_task, "linear_probe": linear_probe_task}
+              "compositionality": compositionality_task, "linear_probe": linear_probe_task,
+              "sugarcrepe": sugarcrepe_task}
 
 
 def select_tasks(tasks: Mapping[str, Mapping[str, Any]], names: Optional[Sequence[str]] = None) -> dict:
@@ -281,10 +338,25 @@ def select_tasks(tasks: Mapping[str, Mapping[str, Any]], names: Optional[Sequenc
 
 
 def run_tasks(evaluator: Evaluator, tasks: Mapping[str, Mapping[str, Any]],
-              names: Optional[Sequence[str]] = None) -> dict[str, TaskResult]:
-    """Run the named tasks of `tasks` (default: all) in order; every process runs them together."""
-    selected = select_tasks(tasks, names)
-    return {name: TASK_KINDS[kind](evaluator, **options) for name, (kind, options) in selected.items()}
+              names: Optional[Sequence[str]] = None, skip_missing: bool = False,
+              progress: Optional[Callable[[str], None]] = None) -> dict[str, TaskResult]:
+    """Run the named tasks of `tasks` (default: all) in order; every process runs them together. With
+    `skip_missing`, a task whose dataset is not on disk is left out and listed in `missing` instead of stopping
+    the run: its result is `absent_result`. `progress(name)` is called as each task starts."""
+    results = {}
+    for name, (kind, options) in select_tasks(tasks, names).items():
+        if progress:
+            progress(name)
+        try:
+            results[name] = TASK_KINDS[kind](evaluator, **options)
+        except DatasetMissing as error:
+            if not skip_missing:
+                raise
+            results[name] = absent_result(str(error))
+    absent = [name for name, result in results.items() if result.absent]
+    if absent and jax.process_index() == 0:
+        print(f"skipped {len(absent)} task(s) whose data is absent: {', '.join(absent)}", flush=True)
+    return results
 
 
 def _task_images(kind: str, options: Mapping[str, Any],
@@ -299,9 +371,15 @@ def _task_images(kind: str, options: Mapping[str, Any],
         splits = [options["split"]] if kind == "zero_shot" else [options["train_split"], options["test_split"]]
         keys = {key: options[key] for key in ("label_key", "image_key", "where", "class_names")}
         sets = [read_labelled_images(options["dataset"], split, data_dir=data_dir, **keys) for split in splits]
-        return [(data.name, data.examples, data.image_files) for data in sets]
+        return [(data.name, data.examples, data.skips_unreadable) for data in sets]
+    if kind == "sugarcrepe":
+        image_root = options["image_root"] and sources.resolve_data_dir(options["image_root"], data_dir)
+        images, _ = read_caption_pairs(sources.resolve_data_dir(options["path"], data_dir), image_root,
+                                       options["kinds"])
+        name, examples, _ = _caption_pair_images(images)
+        return [(name, examples, True)]
     source, _ = sources.build_source(options["source"], data_dir)
-    return [(source.name, source.examples, False)]
+    return [(source.name, source.examples, True)]
 
 
 def check_task_inputs(tasks: Mapping[str, Mapping[str, Any]], image_size: int, preprocess: str,
