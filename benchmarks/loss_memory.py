@@ -86,7 +86,7 @@ def measure(loss, devices, batch, dim, kwargs, repeats, timed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", default="4096,16384,65536", help="global batch sizes, comma-separated")
+    parser.add_argument("--batches", default="4096,16384,65536,1048576", help="global batch sizes, comma-separated")
     parser.add_argument("--dim", type=int, default=512, help="embedding dimension")
     parser.add_argument("--devices", default="8,1", help="device counts, comma-separated")
     parser.add_argument("--loss", default="clip,siglip", help="losses, comma-separated: clip, siglip")

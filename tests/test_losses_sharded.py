@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from helpers import assert_trees_close
-from jclip.losses import clip_loss, embedding_geometry, logits, siglip_loss, top1_accuracy
+from jclip.losses import blocks, clip_loss, embedding_geometry, logits, siglip_loss, top1_accuracy
 from loss_checks import MESH_KINDS
 
 BATCH, INPUT_DIM, DIM = 32, 6, 8
@@ -119,6 +119,18 @@ assert_close = functools.partial(assert_trees_close, rtol=2e-5, atol_fraction=2e
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
 def test_per_device_loss_equals_single_device(mode, devices, loss_name, tiling):
     result = per_device(mode, devices, LOSSES[loss_name], **TILINGS[tiling])(*data())
+    assert_close(result, single_device(loss_name))
+
+
+@pytest.mark.parametrize("tiling", ["gathered+blocks", "ring+blocks"])
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("devices", [1, 2, 8])
+def test_tiles_of_query_rows_give_the_same_value_and_gradients(monkeypatch, devices, loss_name, tiling):
+    """Tiles of two blocks' worth of query rows (four rows at block size 2): a device's rows in several tiles,
+    each tile's log-sum-exp, value and gradients added in place."""
+    monkeypatch.setattr(blocks, "QUERY_TILE_BLOCKS", 2)
+    assert blocks._query_tile(BATCH // devices, 2) == 4
+    result = per_device("shard_map", devices, LOSSES[loss_name], **TILINGS[tiling])(*data())
     assert_close(result, single_device(loss_name))
 
 

@@ -6,13 +6,20 @@ from jax import lax
 from jclip.losses._device_axis import global_sum
 from jclip.losses._global_arrays import over_batch_axes
 from jclip.losses._validation import as_scalar, prepare_embeddings
-from jclip.losses.blocks import BlockReduction, reduce_over_keys
+from jclip.losses.blocks import BlockReduction, reduce_both_ways
 
 
-def _peak_and_mass(queries, keys, params, first_row, first_column):
+def _logits(queries, keys, row_scale):
+    # The scale reaches the queries here, tile by tile: a scaled copy of all the queries would be one more
+    # [b, dim] array in the tiled forms' memory. (Scaling the logits instead would make autodiff of the
+    # untiled form keep the unscaled [b, B] product for the scale's gradient.)
+    return (row_scale[:, None] * queries) @ keys.T
+
+
+def _peak_and_mass(queries, keys, row_scale, first_row, first_column):
     # The online log-sum-exp keeps (row max m, Σ exp(l - m)): accumulating the log-sum-exp itself
     # would round every partial sum to the precision of the large logits.
-    logit = queries @ keys.T
+    logit = _logits(queries, keys, row_scale)
     peak = lax.stop_gradient(jnp.max(logit, axis=1))
     return peak, jnp.sum(jnp.exp(logit - peak[:, None]), axis=1)
 
@@ -28,9 +35,9 @@ def _log_sum_exp(peak_and_mass):
     return peak + jnp.log(mass)
 
 
-def _softmax_mass(queries, keys, params, first_row, first_column, log_sum_exp):
+def _softmax_mass(queries, keys, row_scale, first_row, first_column, log_sum_exp):
     # d lse_i / d l_ij = exp(l_ij - lse_i): the derivative of this block's softmax mass at fixed lse.
-    return jnp.sum(jnp.exp(queries @ keys.T - log_sum_exp[:, None]), axis=1)
+    return jnp.sum(jnp.exp(_logits(queries, keys, row_scale) - log_sum_exp[:, None]), axis=1)
 
 
 def _no_mass(row):
@@ -72,16 +79,12 @@ def clip_loss(zimg, ztxt, scale, *, axis_name=None, ring=False, block_size=None,
     zimg, ztxt, _, batch = prepare_embeddings(zimg, ztxt, axis_name=axis_name, ring=ring, block_size=block_size)
     scale = as_scalar(scale, "scale").astype(zimg.dtype)
 
-    def cross_entropy(rows, columns):
-        queries = scale * rows
-        log_sum_exp = reduce_over_keys(
-            LOG_SUM_EXP, queries, columns, (), axis_name=axis_name, ring=ring, block_size=block_size
-        )
-        positive = jnp.sum(queries * columns, axis=1)
-        loss = log_sum_exp - (1.0 - label_smoothing) * positive
-        if label_smoothing:
-            loss -= label_smoothing * (queries @ global_sum(jnp.sum(columns, axis=0), axis_name)) / batch
-        return loss
-
-    local = jnp.sum(cross_entropy(zimg, ztxt) + cross_entropy(ztxt, zimg))
+    row_scale = jnp.broadcast_to(scale, zimg.shape[:1])
+    log_sum_exps = reduce_both_ways(LOG_SUM_EXP, zimg, ztxt, row_scale, row_scale, axis_name=axis_name, ring=ring,
+                                    block_size=block_size)
+    positive = scale * jnp.sum(zimg * ztxt, axis=1)  # l_ii, the same in both directions
+    local = jnp.sum(log_sum_exps[0] + log_sum_exps[1] - 2 * (1.0 - label_smoothing) * positive)
+    if label_smoothing:
+        for rows, columns in ((zimg, ztxt), (ztxt, zimg)):
+            local -= label_smoothing * scale * jnp.sum(rows @ global_sum(jnp.sum(columns, axis=0), axis_name)) / batch
     return global_sum(local, axis_name) / (2 * batch)
