@@ -4,10 +4,15 @@ Generates its own JPEG image–caption pairs (varied sizes around 300 px), write
 them as WebDataset tar shards and as a tfds ArrayRecord dataset, and times
 `jclip.data.pipeline.TrainInput` reading each, after a warm-up. It compares
 against the training step of `--model` on this machine (forward, loss,
-backward, AdamW at `--batch`), which the pipeline must outpace.
+backward, AdamW at `--batch`), which the pipeline must outpace, and with
+`--baseline torchvision` against what OpenCLIP users run on the same JPEGs:
+PIL decode, `RandomResizedCrop(224, scale=(0.4, 1))` (bicubic), flip,
+`ToTensor` + `Normalize` and the same tokenizer per sample, in a torch
+`DataLoader` with one worker process per core (and with one, for the rate per
+core).
 
     python benchmarks/input_pipeline.py                 # a few minutes on 2 CPU cores
-    python benchmarks/input_pipeline.py --images 4000 --batch 64
+    python benchmarks/input_pipeline.py --images 4000 --batch 64 --baseline torchvision
 """
 
 import argparse
@@ -26,6 +31,7 @@ from jclip.data import pipeline
 from jclip.data.bpe_tokenizer import Tokenizer
 from jclip.data.sources import tar_source, tfds_source
 from jclip.data.to_tfds import convert
+from device_check import cpu_model
 from timing import seconds_per_step
 
 WORDS = ("a photo of the small red large blue dog cat tree house on in with next to under a bright sunny day "
@@ -49,6 +55,58 @@ def write_tar_shards(directory: str, count: int, shards: int, rng: np.random.Gen
                     info.size = len(data)
                     archive.addfile(info, io.BytesIO(data))
     return captions
+
+
+def read_tar_shards(directory: str) -> list[tuple[bytes, str]]:
+    """The (JPEG, caption) samples of the shards `write_tar_shards` wrote."""
+    samples = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(directory, name)) as archive:
+                for member in archive:
+                    key, suffix = os.path.splitext(member.name)
+                    samples.setdefault(key, {})[suffix] = archive.extractfile(member).read()
+    return [(files[".jpg"], files[".txt"].decode()) for _, files in sorted(samples.items())]
+
+
+class TorchvisionPairs:
+    """OpenCLIP's training transform of (JPEG, caption) pairs, as a torch map-style dataset."""
+
+    def __init__(self, samples, tokenizer):
+        import torchvision.transforms as transforms
+
+        from jclip.data.preprocess import OPENAI_MEAN, OPENAI_STD
+
+        self.samples, self.tokenizer = samples, tokenizer
+        self.transform = transforms.Compose([
+            transforms.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(OPENAI_MEAN, OPENAI_STD)])
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        jpeg, caption = self.samples[index]
+        image = self.transform(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        return image, self.tokenizer([caption], 77)[0]
+
+
+def torchvision_images_per_second(samples, tokenizer, batch: int, batches: int, workers: int) -> float:
+    """Images/s of `TorchvisionPairs` in a `DataLoader` of `workers` processes (one torch thread each)."""
+    from jclip.convert.torch_import import import_open_clip
+
+    torch, _ = import_open_clip()  # torchvision, also where its C extension does not load
+    loader = torch.utils.data.DataLoader(
+        TorchvisionPairs(samples, tokenizer), batch_size=batch, shuffle=True, num_workers=workers,
+        persistent_workers=True, worker_init_fn=lambda _: torch.set_num_threads(1), prefetch_factor=4)
+    while True:
+        stream = iter(loader)
+        next(stream)  # warm-up: workers started, first batches on their way
+        start, count = time.perf_counter(), 0
+        for _ in range(min(batches, len(loader) - 1)):
+            next(stream)
+            count += batch
+        return count / (time.perf_counter() - start)
 
 
 def images_per_second(source, tokenizer, batch: int, batches: int) -> float:
@@ -98,6 +156,8 @@ def main():
     parser.add_argument("--batches", type=int, default=20, help="timed pipeline batches per source")
     parser.add_argument("--model", default="ViT-B-32", help="model whose train step is the consumer")
     parser.add_argument("--steps", type=int, default=3, help="timed train steps")
+    parser.add_argument("--baseline", choices=["torchvision"], default=None,
+                        help="also time OpenCLIP's torchvision transform on the same images (torch extra)")
     args = parser.parse_args()
 
     cores = len(os.sched_getaffinity(0))
@@ -109,17 +169,25 @@ def main():
         array_record = tfds_source(convert(tar, "bench_pairs", os.path.join(directory, "tfds")), caption_key="captions")
         rows = {name: images_per_second(source, tokenizer, args.batch, args.batches)
                 for name, source in (("tar shards", tar), ("tfds ArrayRecord", array_record))}
+        baseline = {}
+        if args.baseline:
+            samples = read_tar_shards(directory)
+            baseline = {f"torchvision, {workers} worker{'s' * (workers > 1)}": (torchvision_images_per_second(
+                samples, tokenizer, args.batch, args.batches, workers), workers) for workers in sorted({1, cores})}
     consumer = train_step_images_per_second(args.model, args.batch, args.steps)
 
     print(f"\n{cores} cores; 224 px JPEG (240-400 px originals) decode + inception crop + flip + normalise, "
           f"77-token BPE, batch {args.batch}\n")
-    print("| source | images/s | images/s per core | vs the train step |")
-    print("|---|---:|---:|---:|")
-    for name, rate in rows.items():
-        print(f"| {name} | {rate:,.0f} | {rate / cores:,.0f} | {rate / consumer:.1f}× |")
-    print(f"| {args.model} train step (consumer) | {consumer:,.1f} | | 1.0× |")
-    print(json.dumps({"cores": cores, **{k.replace(' ', '_'): v for k, v in rows.items()},
-                      "train_step_images_per_s": consumer}))
+    per_core = max((rate / workers for rate, workers in baseline.values()), default=None)
+    print(f"CPU: {cpu_model()}")
+    print("| source | images/s | images/s per core | vs the train step |" + (" per core vs torchvision |" if baseline else ""))
+    print("|---|---:|---:|---:|" + ("---:|" if baseline else ""))
+    for name, (rate, used) in {**{k: (v, cores) for k, v in rows.items()}, **baseline}.items():
+        ratio = f" {rate / used / per_core:.2f}× |" if baseline else ""
+        print(f"| {name} | {rate:,.0f} | {rate / used:,.0f} | {rate / consumer:.1f}× |{ratio}")
+    print(f"| {args.model} train step (consumer) | {consumer:,.1f} | | 1.0× |" + (" |" if baseline else ""))
+    print(json.dumps({"cores": cores, "cpu": cpu_model(), **{k.replace(' ', '_'): v for k, v in rows.items()},
+                      **{k: v for k, (v, _) in baseline.items()}, "train_step_images_per_s": consumer}))
 
 
 if __name__ == "__main__":
