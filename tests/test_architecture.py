@@ -17,6 +17,7 @@ LAYERS = (
     {"jclip.convert", "jclip.evaluate"},
     # training; jclip.load; weights out (OpenCLIP's layout); weight-space ensembles: none uses another
     {"jclip.train", "jclip.loaded_model", "jclip.export", "jclip.wise_ft"},
+    {"jclip.plan"},
     {"jclip.cli", "jclip"},
 )
 ONLY_ITSELF = {"jclip.losses"}  # pure functions of arrays: JAX and nothing else of jclip
