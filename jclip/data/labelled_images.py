@@ -82,11 +82,10 @@ def read_labelled_images(dataset: Union[str, Mapping[str, Any]], split: str = "t
         raise ValueError(f"a {kind!r} dataset has no option(s) {sorted(set(options) - set(takes))}; it takes path"
                          + "".join(f", {option}" for option in takes)
                          + (" (class_names is an option of the task)" if "class_names" in options else ""))
-    process_index, process_count = sources._process(process_index, process_count)
     if kind == "wds":
         return _shards(path, split, class_names, process_index, process_count)
     paths, labels, classes, names = read(path.replace("{split}", split), class_names, **options)
-    begin, end = len(paths) * process_index // process_count, len(paths) * (process_index + 1) // process_count
+    begin, end = sources.process_range(len(paths), process_index, process_count)
     examples = tf.data.Dataset.from_tensor_slices(
         (tf.constant(paths[begin:end], tf.string), tf.constant(labels[begin:end], tf.int64))
     ).map(lambda p, label: {"image": tf.constant(b""), "image_path": p, "label": label})
@@ -116,8 +115,7 @@ def _shards(path, split, class_names, process_index, process_count) -> LabelledI
         sample = shards.samples[int(wrong.argmax())]
         raise ValueError(f"{sample.shard}, sample {sample.key}: class index {sample.label} is out of range for the "
                          f"{len(given)} class_names; fix the sample or class_names")
-    count = len(shards.samples)
-    begin, end = count * process_index // process_count, count * (process_index + 1) // process_count
+    begin, end = sources.process_range(len(shards.samples), process_index, process_count)
     return LabelledImages(shards.name, shards.examples(begin, end), end - begin, list(given),
                           list(shards.class_names or given), skips_unreadable=True, templates=shards.templates)
 

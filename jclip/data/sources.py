@@ -75,6 +75,13 @@ def _process(process_index: Optional[int], process_count: Optional[int]) -> tupl
             jax.process_count() if process_count is None else process_count)
 
 
+def process_range(count: int, process_index=None, process_count=None) -> tuple[int, int]:
+    """[begin, end) of this process's contiguous share of `count` examples (every process's, in order, covers
+    them all: results do not depend on the process count)."""
+    process_index, process_count = _process(process_index, process_count)
+    return count * process_index // process_count, count * (process_index + 1) // process_count
+
+
 def field(example: Mapping[str, Any], key: str):
     """`example["a"]["b"]` for key "a/b" (nested tfds features such as coco's captions/text)."""
     for part in key.split("/"):
@@ -188,8 +195,7 @@ def csv_source(path: str, *, image_column: str = "filepath", caption_column: str
         if missing:
             raise ValueError(f"{path} has no column(s) {sorted(missing)}; its columns are {reader.fieldnames}")
         rows = [(row[image_column] or "", row[caption_column] or "") for row in reader]
-    process_index, process_count = _process(process_index, process_count)
-    begin, end = (len(rows) * process_index) // process_count, (len(rows) * (process_index + 1)) // process_count
+    begin, end = process_range(len(rows), process_index, process_count)
     root = image_root or os.path.dirname(os.path.abspath(path))
     paths = [p if os.path.isabs(p) else os.path.join(root, p) for p, _ in rows[begin:end]]
     captions = [c for _, c in rows[begin:end]]
@@ -262,9 +268,7 @@ def wds_source(path: str, *, split: str = "test", process_index=None, process_co
     if shards.kind != "retrieval":
         raise ValueError(f"{path} is a {shards.kind} set, not an image–caption one (its dataset_type.txt is not "
                          "'retrieval'): evaluate it with zero_shot or linear_probe, dataset=dict(kind='wds', path=...)")
-    process_index, process_count = _process(process_index, process_count)
-    count = len(shards.samples)
-    begin, end = count * process_index // process_count, count * (process_index + 1) // process_count
+    begin, end = process_range(len(shards.samples), process_index, process_count)
     examples = shards.examples(begin, end).map(lambda ex: {key: ex[key] for key in _SIGNATURE})
     return Source(shards.name, examples, end - begin)
 

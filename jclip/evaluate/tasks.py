@@ -234,19 +234,23 @@ def compositionality_task(evaluator: Evaluator, source: Mapping[str, Any], prepr
 
 def _caption_pair_images(images: Sequence[str]) -> tuple[str, tf.data.Dataset, int]:
     """(name, this process's contiguous slice of the image files with their indices, its size)."""
-    begin = len(images) * jax.process_index() // jax.process_count()
-    end = len(images) * (jax.process_index() + 1) // jax.process_count()
+    begin, end = sources.process_range(len(images))
     examples = tf.data.Dataset.from_tensor_slices(
         (tf.constant(list(images[begin:end]), tf.string), tf.range(begin, end, dtype=tf.int64))
     ).map(lambda path, index: {"image": tf.constant(b""), "image_path": path, "index": index})
     return "SugarCrepe's images", examples, end - begin
 
 
+def _sugarcrepe_files(path: str, image_root: Optional[str], kinds: Optional[Sequence[str]],
+                      data_dir: Optional[str]):
+    """`read_caption_pairs` of the task's paths, `{data_dir}` filled in."""
+    return read_caption_pairs(sources.resolve_data_dir(path, data_dir),
+                              image_root and sources.resolve_data_dir(image_root, data_dir), kinds)
+
+
 def sugarcrepe_task(evaluator: Evaluator, path: str, image_root: Optional[str] = None,
                     kinds: Optional[Sequence[str]] = None, preprocess: Optional[str] = None):
-    path = sources.resolve_data_dir(path, evaluator.data_dir)
-    image_root = image_root and sources.resolve_data_dir(image_root, evaluator.data_dir)
-    image_files, pairs = read_caption_pairs(path, image_root, kinds)
+    image_files, pairs = _sugarcrepe_files(path, image_root, kinds, evaluator.data_dir)
     name, examples, count = _caption_pair_images(image_files)
     images = evaluator.local_images(name, examples, count, preprocess, fields=lambda ex: {"index": ex["index"]},
                                     skip_unreadable=True)
@@ -373,9 +377,7 @@ def _task_images(kind: str, options: Mapping[str, Any],
         sets = [read_labelled_images(options["dataset"], split, data_dir=data_dir, **keys) for split in splits]
         return [(data.name, data.examples, data.skips_unreadable) for data in sets]
     if kind == "sugarcrepe":
-        image_root = options["image_root"] and sources.resolve_data_dir(options["image_root"], data_dir)
-        images, _ = read_caption_pairs(sources.resolve_data_dir(options["path"], data_dir), image_root,
-                                       options["kinds"])
+        images, _ = _sugarcrepe_files(options["path"], options["image_root"], options["kinds"], data_dir)
         name, examples, _ = _caption_pair_images(images)
         return [(name, examples, True)]
     source, _ = sources.build_source(options["source"], data_dir)

@@ -109,7 +109,8 @@ def step_cost(config: ConfigDict, mesh) -> Cost:
 def largest_batch(config: ConfigDict, setting: Setting, mesh, memory_bytes: int,
                   first: Optional[Cost] = None) -> Optional[Cost]:
     """The cost of the largest global batch (a multiple of the devices × micro-batches) whose step fits in
-    `memory_bytes` per device with `setting`, or None when not even the smallest does."""
+    `memory_bytes` per device with `setting`, or None when not even the smallest does. `first`: the smallest
+    batch's cost, where the caller has compiled it already."""
     devices = mesh.devices.size
     unit = devices * max(dict(setting.changes).get("micro_batches", config.micro_batches), 1)
     cost = lambda batch: step_cost(applied(config, setting, batch, devices), mesh)

@@ -73,7 +73,8 @@ def plan(config, workdir):
     best = None
     for setting in settings:
         at_config = step_cost(applied(config, setting, config.batch_size, devices), mesh)
-        fits = largest_batch(config, setting, mesh, int(memory * GiB))
+        fits = largest_batch(config, setting, mesh, int(memory * GiB),
+                             first=smallest if setting == thriftiest else None)
         largest = ("does not fit", "—") if fits is None else (f"{fits.batch:,}", _size(fits.bytes))
         print(f"| {setting.name} | {_size(at_config.bytes)} | {_size(at_config.state_bytes)} | "
               f"{at_config.flops / 1e12:.4g} | {largest[0]} | {largest[1]} |", flush=True)
