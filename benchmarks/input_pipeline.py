@@ -2,7 +2,8 @@
 
 Generates its own JPEG image–caption pairs (varied sizes around 300 px), writes
 them as WebDataset tar shards and as a tfds ArrayRecord dataset, and times
-`jclip.data.pipeline.TrainInput` reading each, after a warm-up. It compares
+`jclip.data.pipeline.TrainInput` reading each, after a warm-up (its images
+leave it as uint8; their normalisation runs in the train step). It compares
 against the training step of `--model` on this machine (forward, loss,
 backward, AdamW at `--batch`), which the pipeline must outpace, and with
 `--baseline torchvision` against what OpenCLIP users run on the same JPEGs:
@@ -34,6 +35,7 @@ from jclip.data.to_tfds import convert
 from device_check import cpu_model
 from timing import seconds_per_step
 
+SPEC = "decode|inception_crop(224, 0.4)|flip_lr|clip_normalize"  # its normalisation runs in the train step
 WORDS = ("a photo of the small red large blue dog cat tree house on in with next to under a bright sunny day "
          "of green old new car street city river mountain").split()
 
@@ -112,7 +114,7 @@ def torchvision_images_per_second(samples, tokenizer, batch: int, batches: int, 
 def images_per_second(source, tokenizer, batch: int, batches: int) -> float:
     stream = pipeline.TrainInput(
         [(source, 1.0)], tokenizer, parallel.make_mesh(), batch_size=batch, text_length=77, seed=0,
-        shuffle_buffer=1000, image_preprocess="decode|inception_crop(224, 0.4)|flip_lr|clip_normalize",
+        shuffle_buffer=1000, image_preprocess=SPEC,
     )
     next(stream)  # warm-up: graph building, first shuffle buffer
     start = time.perf_counter()
@@ -122,11 +124,13 @@ def images_per_second(source, tokenizer, batch: int, batches: int) -> float:
 
 
 def train_step_images_per_second(model_name: str, batch: int, steps: int) -> float:
-    """Pairs per second of the full train step of `model_name` at `batch` on this machine's devices."""
+    """Pairs per second of the full train step of `model_name` at `batch` on this machine's devices, taking
+    the pipeline's uint8 images and normalising them as training does."""
     import jax
     import ml_collections
 
     from jclip import models
+    from jclip.data import preprocess
     from jclip.train.optimizer import build_optimizer
     from jclip.train.state import create_train_state, state_layout
     from jclip.train.step import make_train_step
@@ -144,9 +148,10 @@ def train_step_images_per_second(model_name: str, batch: int, steps: int) -> flo
     state = create_train_state(layout, jax.random.key(0))
     rng = np.random.default_rng(0)
     batch_arrays = parallel.global_batch({
-        "image": rng.standard_normal((batch, size, size, 3)).astype(np.float32),
+        "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
         "tokens": rng.integers(1, 1000, (batch, length)).astype(np.int32)}, mesh)
-    return batch / seconds_per_step(make_train_step(layout), state, batch_arrays, steps)
+    step = make_train_step(layout, image_op=preprocess.batch_op(SPEC))
+    return batch / seconds_per_step(step, state, batch_arrays, steps)
 
 
 def main():

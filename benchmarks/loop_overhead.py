@@ -40,10 +40,9 @@ from jclip.cli import load_config_file  # noqa: E402
 from jclip.data import pipeline  # noqa: E402
 from jclip.data.sources import build_source  # noqa: E402
 from jclip.data.tokenizers import load_tokenizer  # noqa: E402
-from jclip.train.loop import train, train_state_layout  # noqa: E402
+from jclip.train.loop import config_train_step, train, train_state_layout  # noqa: E402
 from jclip.train.optimizer import build_optimizer  # noqa: E402
 from jclip.train.state import create_train_state  # noqa: E402
-from jclip.train.step import make_train_step  # noqa: E402
 
 
 def demo_config():
@@ -69,7 +68,7 @@ def step_timer(config, resident_batches: int):
     optimizer = build_optimizer(config)
     layout = train_state_layout(config, model, optimizer, mesh)
     state = create_train_state(layout, jax.random.key(0))
-    step = make_train_step(layout, config.losses.to_dict(), config.micro_batches, config.ema_decay, config.seed)
+    step = config_train_step(config, layout)
 
     def time_steps(steps: int, fed: bool) -> float:
         nonlocal state

@@ -4,6 +4,8 @@ import io
 import os
 import tarfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -61,7 +63,12 @@ def read(sources, tokenizer, start=0, batches=3, batch_size=8, spec="decode|resi
     mesh = parallel.make_mesh()
     stream = pipeline.TrainInput(sources, tokenizer, mesh, batch_size=batch_size, text_length=16, seed=SEED,
                                  shuffle_buffer=SHUFFLE_BUFFER, image_preprocess=spec, start_position=start)
-    out = [{k: np.asarray(v) for k, v in next(stream).items()} for _ in range(batches)]
+    finish = preprocess.batch_op(spec)  # what the train step applies on the devices
+    out = []
+    for _ in range(batches):
+        batch = {k: np.asarray(v) for k, v in next(stream).items()}
+        assert batch["image"].dtype == preprocess.batch_image_dtype(spec)
+        out.append({**batch, "image": finish(batch["image"])})
     return out, stream
 
 
@@ -180,6 +187,10 @@ def test_preprocessing_stages_give_the_images_of_the_whole_spec():
         prepared = [per_image(k, seed) for k, seed in zip(kept, seeds)]
         expected = np.stack([preprocess.parse(spec)(image, seed) for image, seed in zip(images, seeds)])
         np.testing.assert_array_equal(per_batch(tf.stack(prepared), None), expected)
+        np.testing.assert_array_equal(preprocess.batch_op(spec)(np.stack(prepared)), expected)  # NumPy
+        on_device = jax.jit(preprocess.batch_op(spec))(jnp.asarray(np.stack(prepared)))  # in the train step
+        np.testing.assert_allclose(on_device, expected, rtol=1e-6, atol=1e-6)
+        assert on_device.dtype == expected.dtype
 
 
 def test_a_small_tfds_source_is_read_from_its_files_once(shapes_data_dir, tmp_path):

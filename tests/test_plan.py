@@ -39,7 +39,7 @@ def test_memory_grows_with_the_batch_and_a_ring_saves_it(micro_config):
     mesh = parallel.make_mesh(2)
     plain, ring = Setting("plain"), ladder(micro_config)[1]
     small, large = (step_cost(applied(micro_config, plain, batch, 2), mesh) for batch in (64, 1024))
-    assert small.state_bytes == large.state_bytes - (1024 - 64) // 2 * (64 * 64 * 3 * 4 + 16 * 4)  # batch shard
+    assert small.state_bytes == large.state_bytes - (1024 - 64) // 2 * (64 * 64 * 3 + 16 * 4)  # uint8 images, tokens
     assert large.bytes > small.bytes and large.flops == 16 * small.flops
     assert step_cost(applied(micro_config, ring, 1024, 2), mesh).temporary_bytes < large.temporary_bytes
 

@@ -162,3 +162,23 @@ def test_embedding_geometry_matches_numpy_and_is_the_same_sharded():
                                     out_specs=jax.sharding.PartitionSpec()))(zimg, ztxt)
     for name, value in expected.items():
         np.testing.assert_allclose(sharded[name], value, rtol=1e-5, err_msg=name)
+
+
+def test_the_step_applies_the_per_pixel_ops_to_uint8_images_on_the_devices():
+    """The input pipeline hands over uint8 images; the step normalises each micro-batch as the host would."""
+    from jclip.data import preprocess
+
+    normalize = preprocess.batch_op("decode|flip_lr|clip_normalize")
+    model = models.create("test-micro")
+    optimizer = build_optimizer(load_config("shapes_tiny"))
+    mesh = parallel.make_mesh(2)
+    batch = random_batch(8)
+    pixels = np.random.default_rng(0).integers(0, 256, (8, *IMAGE_SHAPE), dtype=np.uint8)
+    results = []
+    for images, image_op in ((normalize(pixels), None), (pixels, normalize)):
+        layout = state_layout(model, optimizer, IMAGE_SHAPE, LENGTH, mesh)
+        state = create_train_state(layout, jax.random.key(0))
+        step = make_train_step(layout, micro_batches=2, image_op=image_op)
+        state, metrics = step(state, parallel.global_batch({**batch, "image": images}, mesh))
+        results.append(jax.device_get((state.params, metrics)))
+    assert_trees_close(results[1], results[0], rtol=1e-6, atol_fraction=1e-7)

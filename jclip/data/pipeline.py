@@ -114,6 +114,10 @@ class PerVisitBatches:
 class TrainInput:
     """Endless global batches `{"image", "tokens"}` of this process's share of the global batch.
 
+    The images are those of `image_preprocess` but for its trailing per-pixel
+    ops (`preprocess.stages`), which the train step applies on the devices:
+    `preprocess.batch_op(image_preprocess)` of these images is what the spec gives.
+
     With `negative_kinds`, batches also carry `negative_tokens` `[B, K, L]`: K
     hard-negative captions per example (`jclip.data.negatives`), for NegCLIP-style
     losses.
@@ -136,7 +140,7 @@ class TrainInput:
         self.tokenizer, self.mesh, self.text_length, self.seed = tokenizer, mesh, text_length, seed
         self.negative_kinds, self.negative_attributes = tuple(negative_kinds), tuple(negative_attributes)
         self.position, self.skipped = start_position, 0
-        once, per_image, per_batch = preprocess.stages(image_preprocess)
+        once, per_image, _ = preprocess.stages(image_preprocess)
         common = dict(local_batch=batch_size // jax.process_count(), text_length=text_length, seed=seed,
                       shuffle_buffer=shuffle_buffer, start=start_position)
         table = in_memory.load_table([source for source, _ in sources], preprocess.compose(once),
@@ -148,10 +152,7 @@ class TrainInput:
             self._source = in_memory.TableBatches(table, [weight for _, weight in sources], tokenizer,
                                                   per_image=per_image, **common)
         self.left_out = self._source.left_out
-        per_batch = preprocess.compose(per_batch)
-        dataset = (self._source.batches.map(lambda batch: {**batch, "image": per_batch(batch["image"], None)})
-                   .prefetch(2).with_options(input_options()))
-        self._batches = dataset.as_numpy_iterator()
+        self._batches = self._source.batches.prefetch(2).with_options(input_options()).as_numpy_iterator()
         self._ahead = None  # the next (global batch, position after it, skipped in it), prefetched
 
     def __iter__(self):

@@ -112,16 +112,28 @@ def _flip_lr(image, seed):
     return tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
 
 
+class PerPixelOp:
+    """An op that maps each pixel's float32 values on their own, the same way in every image.
+
+    `values` uses only operators that NumPy, TensorFlow and JAX arrays share, so the one
+    definition runs in tf.data and, on a batch, inside a compiled JAX step (`batch_op`).
+    """
+
+    def __init__(self, values: Callable):
+        self.values = values
+
+    def __call__(self, image, seed):
+        return self.values(tf.cast(image, tf.float32))
+
+
 def _value_range(low, high):
-    """uint8 [0, 255] -> float32 [low, high]."""
-    def op(image, seed):
-        return tf.cast(image, tf.float32) / 255.0 * (high - low) + low
-    return op
+    """[0, 255] -> float32 [low, high]."""
+    return PerPixelOp(lambda values: values / np.float32(255) * np.float32(high - low) + np.float32(low))
 
 
-def _clip_normalize(image, seed):
-    """uint8 [0, 255] -> float32 standardised with OpenAI CLIP's mean and std."""
-    return (tf.cast(image, tf.float32) / 255.0 - OPENAI_MEAN) / OPENAI_STD
+_MEAN, _STD = np.float32(OPENAI_MEAN), np.float32(OPENAI_STD)
+# [0, 255] -> float32 standardised with OpenAI CLIP's mean and std.
+_clip_normalize = PerPixelOp(lambda values: (values / np.float32(255) - _MEAN) / _STD)
 
 
 OPS: dict[str, Callable] = {
@@ -135,8 +147,7 @@ OPS: dict[str, Callable] = {
     "clip_normalize": lambda: _clip_normalize,
 }
 
-# Ops that change each pixel on its own, the same way in every image: a batch of images of one size
-# goes through them at once (`stages`), which on a CPU costs far less than image by image.
+# The `PerPixelOp`s: at the end of a spec they run on a whole batch at once (`stages`), in the train step.
 PER_PIXEL_OPS = ("value_range", "clip_normalize")
 # Ops that use no randomness and keep uint8 pixels: at the start of a spec they can run once per image, and
 # their results be kept (`jclip.data.in_memory`).
@@ -199,6 +210,11 @@ def stages(spec: str) -> tuple[Ops, Ops, Ops]:
     trailing `PER_PIXEL_OPS`, applied to a batch of images at once; `per image`:
     the ops between. Applying the first two to each image and the last to the
     batch of their results gives the same images as `parse(spec)`.
+
+    The training input stops before the per-batch ops: it hands its batches'
+    images on as the per-image ops leave them (uint8 for most specs, a quarter
+    of float32's bytes to copy), and the train step applies `batch_op(spec)` on
+    the devices, where XLA fuses it into the model's first layer.
     """
     ops = parse_ops(spec)
     end = len(ops)
@@ -208,3 +224,22 @@ def stages(spec: str) -> tuple[Ops, Ops, Ops]:
     while begin < end and ops[begin][0] in ONCE_OPS:
         begin += 1
     return ops[:begin], ops[begin:end], ops[end:]
+
+
+def batch_op(spec: str) -> Callable:
+    """`spec`'s per-batch ops (see `stages`) as one function of a batch of images, NumPy or JAX: the
+    images `jclip.data.pipeline.TrainInput` hands out, to what `parse(spec)` gives (the identity for none)."""
+    ops = [op for _, op in stages(spec)[2]]
+
+    def apply(images):
+        for op in ops:
+            images = op.values(images.astype(np.float32))
+        return images
+    return apply
+
+
+def batch_image_dtype(spec: str) -> np.dtype:
+    """The dtype of the images `jclip.data.pipeline.TrainInput` hands out for `spec`: float32 when a per-pixel
+    op comes before the end of the per-image ops, else the decoder's uint8."""
+    once, per_image, _ = stages(spec)
+    return np.dtype(np.float32 if any(name in PER_PIXEL_OPS for name, _ in once + per_image) else np.uint8)

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from jclip import models, parallel
+from jclip.data import preprocess
 from jclip.models.summary import training_flops_per_pair
-from jclip.train.loop import train_state_layout
+from jclip.train.loop import config_train_step, train_state_layout
 from jclip.train.objective import LOSSES
 from jclip.train.optimizer import build_optimizer
-from jclip.train.step import make_train_step
 
 GiB = 2**30
 RING_BLOCK = 512  # the block size of the ring setting (capped at the local batch, which it must divide)
@@ -91,9 +91,10 @@ def step_cost(config: ConfigDict, mesh) -> Cost:
     parallel.check_batch_size(config.batch_size, mesh)
     model = models.model_class(config.model)(**config.model)
     layout = train_state_layout(config, model, build_optimizer(config), mesh)
-    step = make_train_step(layout, config.losses.to_dict(), config.micro_batches, config.ema_decay, config.seed)
+    step = config_train_step(config, layout)
     sharding = parallel.batch_sharding(mesh)
-    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *layout.image_shape), jnp.float32, sharding=sharding),
+    image_dtype = preprocess.batch_image_dtype(config.data.preprocess)
+    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *layout.image_shape), image_dtype, sharding=sharding),
              "tokens": jax.ShapeDtypeStruct((config.batch_size, config.data.text_length), jnp.int32,
                                             sharding=sharding)}
     if config.data.get("negative_kinds"):

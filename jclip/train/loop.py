@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer, read_params
-from jclip.data import pipeline
+from jclip.data import pipeline, preprocess
 from jclip.data.bpe_tokenizer import Tokenizer
 from jclip.data.sources import build_source
 from jclip.data.tokenizers import load_tokenizer
@@ -86,6 +86,13 @@ def train_state_layout(config: ConfigDict, model, optimizer, mesh) -> StateLayou
     image_shape = (config.data.image_size, config.data.image_size, 3)
     return state_layout(model, optimizer, image_shape, config.data.text_length, mesh, config.parameter_sharding,
                         ema=config.ema_decay > 0)
+
+
+def config_train_step(config: ConfigDict, layout: StateLayout):
+    """The config's jitted train step: its losses, micro-batches, EMA and seed, and the per-pixel ops of its
+    preprocessing, which the step applies to the input pipeline's images on the devices."""
+    return make_train_step(layout, config.losses.to_dict(), config.micro_batches, config.ema_decay, config.seed,
+                           preprocess.batch_op(config.data.preprocess))
 
 
 def initial_state(config: ConfigDict, workdir: str, layout: StateLayout,
@@ -218,8 +225,7 @@ def set_up(config: ConfigDict, workdir: str) -> Run:
     return Run(
         config=config, workdir=workdir, mesh=mesh, model=model, tokenizer=tokenizer, checkpointer=checkpointer,
         batches=batches, teacher=make_teacher(config, mesh, tokenizer),
-        train_step=make_train_step(layout, config.losses.to_dict(), config.micro_batches, config.ema_decay,
-                                   config.seed),
+        train_step=config_train_step(config, layout),
         schedule=learning_rate_schedule(config),
         throughput=ThroughputMeter(config.batch_size, flops, mesh.devices.size,
                                    peak_flops_per_device(config.peak_flops_per_device)),

@@ -33,7 +33,8 @@ def _replicated_specs(params: Any) -> Any:
 
 
 def make_gradient_function(model: nn.Module, mesh: Mesh, param_specs: Any,
-                           loss_spec: Optional[Mapping[str, Mapping[str, Any]]] = None, micro_batches: int = 1):
+                           loss_spec: Optional[Mapping[str, Mapping[str, Any]]] = None, micro_batches: int = 1,
+                           image_op: Optional[Callable[[jax.Array], jax.Array]] = None):
     """`(params, batch, rng) -> (metrics, grads)` over `mesh`, for use under `jax.jit`.
 
     `params` and `grads` are laid out as `param_specs` say (replicated, or FSDP
@@ -44,6 +45,8 @@ def make_gradient_function(model: nn.Module, mesh: Mesh, param_specs: Any,
     micro-batch folds in its own index) and the losses' random draws (the same key
     on every device). When a term needs them (`negclip`), the batch's
     `negative_tokens` [B, K, L] are embedded by the text tower as `negative_ztxt`.
+    `image_op` maps each device's (micro-)batch of images before the model: the
+    per-pixel ops the input pipeline leaves to the step (`preprocess.batch_op`).
     """
     loss_spec = loss_spec or DEFAULT_LOSSES
     objective = make_objective(loss_spec, DATA_AXIS)
@@ -51,7 +54,8 @@ def make_gradient_function(model: nn.Module, mesh: Mesh, param_specs: Any,
 
     def embed(params, inputs, rng):
         variables = {"params": gather_on_use(params, param_specs, DATA_AXIS)}
-        out = model.apply(variables, inputs["image"], inputs["tokens"], train=True, rngs={"patch_dropout": rng})
+        images = inputs["image"] if image_op is None else image_op(inputs["image"])
+        out = model.apply(variables, images, inputs["tokens"], train=True, rngs={"patch_dropout": rng})
         if "negative_tokens" in inputs:  # [b, K, L] hard-negative captions, embedded by the text tower
             negatives = inputs["negative_tokens"]
             flat = model.apply(variables, negatives.reshape(-1, negatives.shape[-1]), method="encode_text")
@@ -106,17 +110,17 @@ def make_gradient_step(model: nn.Module, mesh: Mesh, loss_spec=None, micro_batch
 
 def make_train_step(
     layout: StateLayout, loss_spec: Optional[Mapping[str, Mapping[str, Any]]] = None, micro_batches: int = 1,
-    ema_decay: float = 0.0, seed: int = 0,
+    ema_decay: float = 0.0, seed: int = 0, image_op: Optional[Callable[[jax.Array], jax.Array]] = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A jitted `(state, batch) -> (state, metrics)` for states laid out as `layout` says.
 
-    After the update, `scale` is clamped at the model's `max_scale`, and the EMA
+    `image_op` finishes the batch's images on the devices (see `make_gradient_function`). After the update, `scale` is clamped at the model's `max_scale`, and the EMA
     of the parameters (when the state has one) moves by `1 - ema_decay` towards
     them. The state is donated: do not reuse the one passed in.
     """
     model, optimizer, mesh = layout.model, layout.optimizer, layout.mesh
     max_scale = getattr(model, "max_scale", None)
-    gradients = make_gradient_function(model, mesh, layout.specs.params, loss_spec, micro_batches)
+    gradients = make_gradient_function(model, mesh, layout.specs.params, loss_spec, micro_batches, image_op)
 
     def step(state: TrainState, batch: Batch):
         metrics, grads = gradients(state.params, batch, jax.random.fold_in(jax.random.key(seed), state.step))
