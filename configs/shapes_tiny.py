@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_minutes = placeholder(float)  # also save when this long has passed (checked at logs)
     config.keep_checkpoints = 2  # the last K
     config.keep_checkpoint_every = placeholder(int)  # also keep, for good, every checkpoint at a multiple of this
+    config.checkpoint_failure = "stop"  # a save that fails (a full disk) stops the run; "retry": at the next save
+    config.resume_strict = False  # True: stop at an unreadable checkpoint instead of resuming from the one before
+    config.lock_stale_minutes = 10.0  # a workdir lock not refreshed for this long is a dead trainer's
 
     config.evaluate = ml_collections.ConfigDict()
     config.evaluate.batch_size = 512

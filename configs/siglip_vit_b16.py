@@ -122,6 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_minutes = 30.0
     config.keep_checkpoints = 2
     config.keep_checkpoint_every = 50_000
+    config.checkpoint_failure = "stop"  # a save that fails (a full disk) stops the run; "retry": at the next save
+    config.resume_strict = False  # True: stop at an unreadable checkpoint instead of resuming from the one before
+    config.lock_stale_minutes = 10.0  # a workdir lock not refreshed for this long is a dead trainer's
 
     config.evaluate = ml_collections.ConfigDict()
     config.evaluate.batch_size = 1024

@@ -103,7 +103,7 @@ def run_command(action: Callable[[ConfigDict, str], object], workdir_required: b
             model_from_command_line(FLAGS.config, config_flags.get_override_values(FLAGS["config"]),
                                     config_flags.get_config_filename(FLAGS["config"]))
             action(FLAGS.config, FLAGS.workdir)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:  # bad input, a missing or unreadable file, a failed save
             raise SystemExit(f"error: {error}")
 
     run_main(main)

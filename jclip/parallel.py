@@ -73,6 +73,19 @@ def process_zero_decides(flag: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
 
 
+def all_processes(flag: bool) -> bool:
+    """Whether `flag` holds on every process (on every process)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(multihost_utils.process_allgather(np.bool_(flag))))
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every process reaches this point (`name` tells the barriers apart)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def gather_from_processes(local: np.ndarray) -> np.ndarray:
     """Every process's `local` rows, concatenated in process order, on every process.
 

@@ -13,8 +13,9 @@ be drawn (`jclip.data.draw_order`), gathers a batch of rows and samples one capt
 per row with `caption_choice`, all vectorised.
 
 An example whose image cannot be decoded or that has no non-blank caption is
-left out of the table (and counted) instead of being skipped at each visit,
-so a source's epoch is its table rows: positions stay exact on resume.
+left out of the table (counted, and the first few named in a warning) instead
+of being skipped at each visit, so a source's epoch is its table rows:
+positions stay exact on resume. A source with no example left is an error.
 """
 
 import dataclasses
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from jclip.data import draw_order, preprocess
 from jclip.data.preprocess import ImageOp
-from jclip.data.sources import Source, encoded_image, text_captions
+from jclip.data.sources import NAMED_SKIPPED, Source, encoded_image, first_few, text_captions
 
 # The most memory the decoded images of this process's sources may take (estimated from each source's first
 # image); sources beyond it are read and decoded per visit instead.
@@ -56,12 +57,13 @@ class _SourceRows:
     images: list[tf.Tensor]  # uint8 [n, H, W, 3] each, in row order
     captions: list[list[str]]  # each row's non-blank captions
     left_out: int
+    named: list[str]  # where the first few examples left out are (`Source.describe`)
 
 
 def _rows(source: Source, image_op: ImageOp, byte_limit: int, options: tf.data.Options,
           shape: Optional[tuple[int, ...]]) -> Optional[_SourceRows]:
     """The rows of `source`; None when its decoded images would take more than `byte_limit` bytes or do not
-    all have one shape (`shape`, when given)."""
+    all have one shape (`shape`, when given); a ValueError when it has no example to keep."""
     def decoded(index, example):
         image = image_op(encoded_image(example, source.image_files), tf.constant([0, 0], tf.int64))
         return {"index": index, "pixels": tf.reshape(image, [-1]), "shape": tf.shape(image),
@@ -69,7 +71,7 @@ def _rows(source: Source, image_op: ImageOp, byte_limit: int, options: tf.data.O
 
     batches = (source.examples.enumerate().map(decoded, num_parallel_calls=PARALLELISM).ignore_errors()
                .ragged_batch(LOAD_BATCH).prefetch(1).with_options(options))
-    rows = _SourceRows([], [], 0)
+    rows, left_out, next_index = _SourceRows([], [], 0, []), [], 0  # left_out: the first few left out
     with tqdm(total=source.num_examples, unit="example", desc=f"decode {source.name} into memory",
               mininterval=2.0, leave=False, disable=jax.process_index() != 0) as bar:
         for batch in batches:
@@ -83,15 +85,26 @@ def _rows(source: Source, image_op: ImageOp, byte_limit: int, options: tf.data.O
             has_caption = batch["captions"].row_lengths() > 0
             rows.images.append(tf.boolean_mask(tf.reshape(pixels, (-1, *shape)), has_caption))
             rows.captions += [[t.decode("utf-8") for t in row] for row in batch["captions"].to_list() if row]
-            bar.update(int(batch["index"][-1]) + 1 - bar.n)
+            indices = batch["index"].numpy()
+            kept = indices[has_caption.numpy()]
+            left_out = (left_out + np.setdiff1d(np.arange(next_index, indices[-1] + 1), kept).tolist())[:NAMED_SKIPPED]
+            next_index = int(indices[-1]) + 1
+            bar.update(next_index - bar.n)
     rows.left_out = source.num_examples - len(rows.captions)
-    return rows if rows.captions else None
+    left_out += range(next_index, source.num_examples)[:NAMED_SKIPPED]
+    rows.named = [source.describe(k) for k in left_out[:NAMED_SKIPPED]]
+    if not rows.captions:
+        raise ValueError(f"none of the {source.num_examples} examples of source {source.name!r} has an image that can "
+                         f"be read and decoded and a caption ({first_few(rows.named, rows.left_out)}): check its "
+                         "image files and captions")
+    return rows
 
 
 def load_table(sources: Sequence[Source], image_op: ImageOp, options: tf.data.Options) -> Optional[ExampleTable]:
     """All examples of `sources` decoded by `image_op` (deterministic: it gets no seed), read with the tf.data
     `options`; None when some source is not small (`Source.fits_in_memory`), or the decoded images would not
-    fit in `DECODED_IN_MEMORY_BYTES` or do not share one shape."""
+    fit in `DECODED_IN_MEMORY_BYTES` or do not share one shape. A warning names the first few examples left out of
+    each source; a source with none kept is a ValueError."""
     if not sources or not all(source.fits_in_memory for source in sources):
         return None
     parts, shape, used = [], None, 0
@@ -102,6 +115,10 @@ def load_table(sources: Sequence[Source], image_op: ImageOp, options: tf.data.Op
         shape = tuple(part.images[0].shape[1:])
         used += sum(images.shape[0] for images in part.images) * int(np.prod(shape))
         parts.append(part)
+    for source, part in zip(sources, parts):
+        if part.left_out:
+            print(f"warning: left out {part.left_out} example(s) of {source.name} whose image cannot be read or "
+                  f"decoded or that have no caption: {first_few(part.named, part.left_out)}", flush=True)
     texts: dict[str, int] = {}
     rows = [row for part in parts for row in part.captions]
     return ExampleTable(
@@ -131,14 +148,15 @@ def caption_choice(seed: int, draws: np.ndarray, caption_counts: np.ndarray) -> 
     return np.minimum((uniform * caption_counts).astype(np.int64), caption_counts - 1)
 
 
-def table_rows(table: ExampleTable, weights: Sequence[float], seed: int, shuffle_buffer: int,
+def table_rows(rows_per_source: Sequence[int], weights: Sequence[float], seed: int, shuffle_buffer: int,
                start: int) -> tf.data.Dataset:
-    """Row numbers of `table` drawn as `pipeline.mixed_stream` draws examples of its sources, from draw `start` on."""
-    firsts = np.cumsum([0] + table.rows_per_source).tolist()
+    """Row numbers of a table of sources of `rows_per_source` rows (source s has rows [sum(before s), ...)),
+    drawn as `pipeline.mixed_stream` draws examples of its sources, from draw `start` on."""
+    firsts = np.cumsum([0] + list(rows_per_source)).tolist()
 
     def stream(source_index, start):
         rows = tf.data.Dataset.range(firsts[source_index], firsts[source_index + 1])
-        return draw_order.epochs(rows, table.rows_per_source[source_index], source_index, seed, shuffle_buffer, start)
+        return draw_order.epochs(rows, rows_per_source[source_index], source_index, seed, shuffle_buffer, start)
 
     return draw_order.mixture([functools.partial(stream, i) for i in range(len(weights))], weights, seed, start)
 
@@ -155,7 +173,7 @@ class TableBatches:
                  text_length: int, seed: int, shuffle_buffer: int, per_image: preprocess.Ops, start: int):
         self.table, self.seed, self.left_out = table, seed, table.left_out
         self.text_tokens = tokenizer(table.texts, text_length)  # each distinct caption tokenized once
-        rows = table_rows(table, weights, seed, shuffle_buffer, start).enumerate(start)
+        rows = table_rows(table.rows_per_source, weights, seed, shuffle_buffer, start).enumerate(start)
         if per_image:
             image_op = preprocess.compose(per_image)
 

@@ -11,7 +11,9 @@ uninterrupted run would have seen.
 
 - `PerVisitBatches` read and decode each example at each visit; an example
   whose image cannot be read or decoded, or that has no caption, is skipped and
-  counted, never a crash;
+  counted (the run's first few named in warnings), never a crash; but a stream
+  whose draws give no usable example for `MAX_DRAWS_WITHOUT_EXAMPLE` draws in a
+  row (fewer for small sources) stops with an error naming its sources;
 - when every source is small (`Source.fits_in_memory`), `in_memory.TableBatches`
   gather rows of the sources decoded once into an `in_memory.ExampleTable`,
   with almost no work per batch (with no example left out of the table, these
@@ -19,7 +21,8 @@ uninterrupted run would have seen.
 """
 
 import functools
-from typing import Protocol, Sequence
+import itertools
+from typing import Iterator, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -30,7 +33,7 @@ from jax.sharding import Mesh
 from jclip import parallel
 from jclip.data import draw_order, in_memory, preprocess
 from jclip.data.negatives import hard_negatives
-from jclip.data.sources import Source, encoded_image, text_captions
+from jclip.data.sources import NAMED_SKIPPED, Source, encoded_image, text_captions
 
 tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX.
 
@@ -38,6 +41,10 @@ tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to
 # background model thread that, at the end of a run, could block the iterator's destructor forever
 # (seen at exit after training).
 DECODE_PARALLELISM = 2
+# A stream read per visit stops with an error once this many draws in a row (or twice its sources' examples, when
+# fewer) have given no usable example: then (nearly) every example is bad, and skipping them would go on forever.
+MAX_DRAWS_WITHOUT_EXAMPLE = 100_000
+_NO_EXAMPLE = "no usable example"  # the message of `_usable`'s error
 
 
 def input_options() -> tf.data.Options:
@@ -81,6 +88,56 @@ def _prepare(image_op, seed: int, image_files: bool):
     return prepare
 
 
+def _draw_limit(sources: Sequence[tuple[Source, float]]) -> int:
+    """The draws in a row without a usable example after which a stream read per visit stops."""
+    return min(MAX_DRAWS_WITHOUT_EXAMPLE, 2 * sum(source.num_examples for source, _ in sources))
+
+
+def _usable(prepared: tf.data.Dataset, limit: int) -> tf.data.Dataset:
+    """The elements of `prepared` that do not fail (`ignore_errors`); an error (`_NO_EXAMPLE`) once `limit` draws
+    in a row have failed.
+
+    `ignore_errors` alone would look for a usable example forever. So a marker (index -1, dropped here) comes after
+    every quarter of `limit` draws, failed or not (`choose_from_datasets` takes a choice for a failing draw too),
+    and a fifth marker in a row is the error.
+    """
+    every = -(-limit // 4)
+    marker = {key: tf.zeros([size or 1 for size in spec.shape], spec.dtype)
+              for key, spec in prepared.element_spec.items()}
+    markers = tf.data.Dataset.from_tensors({**marker, "index": tf.constant(-1, tf.int64)}).repeat()
+    choices = (tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat(every)
+               .concatenate(tf.data.Dataset.from_tensors(tf.constant(1, tf.int64))).repeat())
+
+    def count_markers(in_a_row, element):
+        in_a_row = (in_a_row + 1) * tf.cast(element["index"] < 0, tf.int64)  # an example starts again from 0
+        with tf.control_dependencies([tf.debugging.assert_less(in_a_row, tf.constant(5, tf.int64), _NO_EXAMPLE)]):
+            return tf.identity(in_a_row), element
+
+    return (tf.data.Dataset.choose_from_datasets([prepared, markers], choices).ignore_errors()
+            .scan(tf.constant(0, tf.int64), count_markers).filter(lambda element: element["index"] >= 0))
+
+
+def _drawn_examples(sources: Sequence[tuple[Source, float]], seed: int, shuffle_buffer: int,
+                    start: int) -> Iterator[tuple[Source, int]]:
+    """(source, number of the example in it) of each draw of `mixed_stream` from `start` on, to name skipped draws:
+    example numbers drawn as the table rows of the sources' sizes (`in_memory.table_rows`), no data read. Lazy:
+    nothing is built before the first is asked for."""
+    sizes = [source.num_examples for source, _ in sources]
+    firsts = np.cumsum([0] + sizes)
+    numbers = in_memory.table_rows(sizes, [weight for _, weight in sources], seed, shuffle_buffer, start)
+    for block in numbers.batch(1024).with_options(input_options()).as_numpy_iterator():
+        indices = np.searchsorted(firsts, block, side="right") - 1
+        yield from zip([sources[i][0] for i in indices], (block - firsts[indices]).tolist())
+
+
+def _no_example_error(sources: Sequence[tuple[Source, float]]) -> ValueError:
+    """The error of a stream that has stopped for want of a usable example (`_usable`)."""
+    names = ", ".join(repr(source.name) for source, _ in sources)
+    return ValueError(f"{_draw_limit(sources)} draws in a row from the training source(s) {names} gave no usable "
+                      "example (an image that can be read and decoded, with a caption): nearly every example is "
+                      "bad. Check the sources' image files (and image_root) and captions")
+
+
 class BatchSource(Protocol):
     """Where `TrainInput` takes its local batches from: examples read per visit, or rows of an in-memory table."""
 
@@ -93,7 +150,8 @@ class BatchSource(Protocol):
 
 class PerVisitBatches:
     """A batch source: local batches `{"image", "caption", "index"}` of the examples of `mixed_stream`, each read
-    and decoded at each visit; a draw with an unreadable image or no caption is dropped (`TrainInput.skipped`)."""
+    and decoded at each visit; a draw with an unreadable image or no caption is dropped (`TrainInput.skipped`),
+    and too many of them in a row are an error (`_usable`)."""
 
     left_out = 0
 
@@ -102,8 +160,8 @@ class PerVisitBatches:
         self.tokenizer, self.text_length = tokenizer, text_length
         examples = mixed_stream(sources, seed, shuffle_buffer, start).enumerate(start)
         prepare = _prepare(image_op, seed, any(source.image_files for source, _ in sources))
-        self.batches = (examples.map(prepare, num_parallel_calls=DECODE_PARALLELISM).ignore_errors()
-                        .batch(local_batch, drop_remainder=True))
+        prepared = examples.map(prepare, num_parallel_calls=DECODE_PARALLELISM)
+        self.batches = _usable(prepared, _draw_limit(sources)).batch(local_batch, drop_remainder=True)
 
     def captions_and_tokens(self, batch: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
         """The batch's captions, tokenized."""
@@ -125,7 +183,8 @@ class TrainInput:
     `position` is the number of raw examples this process has drawn for the
     batches handed out so far (save it in checkpoints and pass it back as
     `start_position` to resume); `skipped` counts the examples among them dropped
-    for an unreadable image or a missing caption. One batch more is prefetched
+    for an unreadable image or a missing caption, and warnings name the first
+    `NAMED_SKIPPED` of them (`Source.describe`). One batch more is prefetched
     to the devices, so its transfer overlaps the step that runs before it.
 
     The local batches come from one of the two `BatchSource`s (see above); from
@@ -140,6 +199,9 @@ class TrainInput:
         self.tokenizer, self.mesh, self.text_length, self.seed = tokenizer, mesh, text_length, seed
         self.negative_kinds, self.negative_attributes = tuple(negative_kinds), tuple(negative_attributes)
         self.position, self.skipped = start_position, 0
+        self._sources, self._named, self._names = sources, 0, set()  # skipped draws named so far, and their names
+        self._drawn = _drawn_examples(sources, seed, shuffle_buffer, start_position)  # where each draw's example is
+        self._next_draw = start_position  # the draw `_drawn` gives next
         once, per_image, _ = preprocess.stages(image_preprocess)
         common = dict(local_batch=batch_size // jax.process_count(), text_length=text_length, seed=seed,
                       shuffle_buffer=shuffle_buffer, start=start_position)
@@ -169,9 +231,16 @@ class TrainInput:
 
     def _device_batch(self, position: int) -> tuple[dict[str, jax.Array], int, int]:
         """(global batch, position after it, examples skipped in it), the copy to devices started."""
-        batch = next(self._batches)
+        try:
+            batch = next(self._batches)
+        except tf.errors.InvalidArgumentError as error:
+            if _NO_EXAMPLE not in error.message:
+                raise
+            raise _no_example_error(self._sources) from None
         last = int(batch["index"][-1])
         captions, tokens = self._source.captions_and_tokens(batch)
+        if last + 1 - position > len(captions) and self._named < NAMED_SKIPPED:
+            self._name_skipped(batch["index"], position)
         local = {"image": batch["image"], "tokens": tokens}
         if self.negative_kinds:
             negatives = [n for caption, index in zip(captions, batch["index"]) for n in hard_negatives(
@@ -179,6 +248,23 @@ class TrainInput:
             tokens = self.tokenizer(negatives, self.text_length)
             local["negative_tokens"] = tokens.reshape(len(captions), len(self.negative_kinds), self.text_length)
         return parallel.global_batch(local, self.mesh), last + 1, last + 1 - position - len(captions)
+
+    def _name_skipped(self, indices: np.ndarray, position: int) -> None:
+        """A warning naming the example of each draw from `position` to the last of `indices` that is not among them
+        (skipped), up to the run's first NAMED_SKIPPED draws (an example skipped again is not named again); then one
+        saying that the others are only counted."""
+        skipped = np.setdiff1d(np.arange(position, indices[-1] + 1), indices)[:NAMED_SKIPPED - self._named].tolist()
+        for draw in skipped:
+            source, number = next(itertools.islice(self._drawn, draw - self._next_draw, None))
+            self._next_draw = draw + 1
+            name = source.describe(number)
+            if name not in self._names:
+                self._names.add(name)
+                print(f"warning: skipped {name}: its image cannot be read or decoded, or it has no caption", flush=True)
+        self._named += len(skipped)
+        if self._named == NAMED_SKIPPED:
+            print("warning: further skipped examples are counted (skipped_examples in the metrics), not named",
+                  flush=True)
 
 
 def load_split(builder: tfds.core.DatasetBuilder, split: str, image_preprocess: str) -> dict[str, np.ndarray]:

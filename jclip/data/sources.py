@@ -23,10 +23,11 @@ contiguous range of rows for CSV and of samples for wds, every process_count-th 
 import csv
 import dataclasses
 import glob
+import itertools
 import json
 import os
 import tarfile
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -40,6 +41,10 @@ from jclip.data.benchmark_shards import read_benchmark_shards
 # then cost no file reads or record parsing.
 IN_MEMORY_BYTES = 250 * 2**20
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+SAMPLE_EXTENSIONS = IMAGE_EXTENSIONS + (".txt", ".json")  # the files of a WebDataset sample that sources read
+NAMED_SKIPPED = 5  # bad examples (rows, samples) that warnings name one by one; the others are only counted
+# What reading a tar file that is cut short raises (EOFError: a compressed one).
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError)
 _SIGNATURE = {"image": tf.TensorSpec([], tf.string), "image_path": tf.TensorSpec([], tf.string),
               "captions": tf.TensorSpec([None], tf.string)}
 
@@ -53,6 +58,18 @@ class Source:
     num_examples: int
     image_files: bool = False  # images are read from `image_path` when the pipeline visits an example
     fits_in_memory: bool = False  # small enough that the pipeline keeps it in memory after its first epoch
+    where: Optional[Callable[[int], str]] = None  # example k -> where it is (a CSV line, a tar sample)
+
+    def describe(self, k: int) -> str:
+        """Where example k of this slice is, for warnings that name bad examples."""
+        return self.where(k) if self.where else f"{self.name} example {k}"
+
+
+def first_few(things: Sequence, total: Optional[int] = None) -> str:
+    """The first NAMED_SKIPPED of `things` (of `total`, by default all of them), and how many more there are."""
+    total = len(things) if total is None else total
+    named = ", ".join(str(thing) for thing in things[:NAMED_SKIPPED])
+    return named + (f" and {total - NAMED_SKIPPED} more" if total > NAMED_SKIPPED else "")
 
 
 def encoded_image(example, image_files: bool = True) -> tf.Tensor:
@@ -183,26 +200,92 @@ def shapes_source(config: str = "default", *, split: str = "train", data_dir: Op
                        process_count=process_count)
 
 
+def _csv_records(lines: Iterable[str], delimiter: str) -> Iterator[tuple[int, int, Optional[list[str]], str]]:
+    """(first line, last line, fields, error) of each record of CSV text; fields None and the csv module's
+    error for one whose quotes do not close where they should (reading goes on at the next line)."""
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
+    while True:
+        first = reader.line_num + 1
+        try:
+            fields, error = next(reader), ""
+        except StopIteration:
+            return
+        except csv.Error as exception:
+            fields, error = None, str(exception)
+        yield first, reader.line_num, fields, error
+
+
+def _csv_rows(path: str, image_column: str, caption_column: str) -> tuple[list[tuple[str, str, int]], list[str],
+                                                                           list[int]]:
+    """(image path, caption, line) of each usable row of a CSV or TSV file; the rows left out (the wrong number
+    of fields, or quotes that do not close where they should), by line; and the lines of the captions that are
+    not valid UTF-8, read with U+FFFD for their bad bytes. A quote that never closes, so that the rest of the
+    file reads as one field, is a ValueError naming its line."""
+    delimiter = "\t" if path.endswith((".tsv", ".tab")) else ","
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        records = _csv_records(f, delimiter)
+        header = next(records, (0, 0, [], ""))[2] or []
+        missing = {image_column, caption_column} - set(header)
+        if missing:
+            raise ValueError(f"{path} has no column(s) {sorted(missing)}; its columns are {header}")
+        image, caption = header.index(image_column), header.index(caption_column)
+        rows, left_out, not_utf8, record = [], [], [], None
+        for record in records:
+            first, last, fields, error = record
+            if fields == []:  # a blank line
+                continue
+            if fields is None or len(fields) != len(header):
+                lines = f"line {first}" if first == last else f"lines {first}-{last}"
+                left_out.append(f"{lines} ({error or f'{len(fields)} fields for {len(header)} columns'})")
+                continue
+            text = fields[caption]
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                not_utf8.append(first)
+            rows.append((fields[image], text, first))
+    if record is not None and record[2] is None and record[0] < record[1]:
+        raise ValueError(f"{path}: the quoted field that starts on line {record[0]} never closes where it should, so "
+                         f"lines {record[0]}-{record[1]}, the rest of the file, read as one field ({record[3]}); fix "
+                         'the quotes on that line (a quote inside a quoted field is written "")')
+    return rows, left_out, not_utf8
+
+
 def csv_source(path: str, *, image_column: str = "filepath", caption_column: str = "caption",
                image_root: Optional[str] = None, process_index=None, process_count=None) -> Source:
-    """A CSV (or TSV, by extension) of image paths and captions; relative paths are under `image_root`."""
+    """A CSV (or TSV, by extension) of image paths and captions; relative paths are under `image_root`.
+
+    Damaged rows do not stop training, and a warning names the first few lines of each kind: a row with the
+    wrong number of fields, or quotes that do not close where they should, is left out; a caption that is not
+    valid UTF-8 is kept, with U+FFFD for its bad bytes. A quote that never closes, swallowing the rest of the
+    file, is an error naming its line. A row whose image is missing, a directory or not an image is skipped and
+    counted when training visits it.
+    """
     if not os.path.exists(path):
         raise ValueError(f"no CSV file at {path!r}")
-    delimiter = "\t" if path.endswith((".tsv", ".tab")) else ","
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        missing = {image_column, caption_column} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path} has no column(s) {sorted(missing)}; its columns are {reader.fieldnames}")
-        rows = [(row[image_column] or "", row[caption_column] or "") for row in reader]
+    rows, left_out, not_utf8 = _csv_rows(path, image_column, caption_column)
+    process_index, process_count = _process(process_index, process_count)
+    if left_out and process_index == 0:
+        print(f"warning: {path}: left out {len(left_out)} row(s) that do not parse into its columns: "
+              f"{first_few(left_out)}", flush=True)
+    if not_utf8 and process_index == 0:
+        print(f"warning: {path}: the captions of {len(not_utf8)} row(s) are not valid UTF-8 (at line(s) "
+              f"{first_few(not_utf8)}); their bad bytes read as U+FFFD (save the file as UTF-8 to keep them)",
+              flush=True)
+    if not rows:
+        raise ValueError(f"{path} has no usable rows")
     begin, end = process_range(len(rows), process_index, process_count)
     root = image_root or os.path.dirname(os.path.abspath(path))
-    paths = [p if os.path.isabs(p) else os.path.join(root, p) for p, _ in rows[begin:end]]
-    captions = [c for _, c in rows[begin:end]]
+    # Bytes: a path that is not valid UTF-8 names its file byte for byte.
+    paths = [os.fsencode(p if os.path.isabs(p) else os.path.join(root, p)) for p, _, _ in rows[begin:end]]
+    captions = [c for _, c, _ in rows[begin:end]]
+    lines = np.array([line for _, _, line in rows[begin:end]])
     examples = tf.data.Dataset.from_tensor_slices((paths, captions)).map(
         lambda p, c: {"image": "", "image_path": p, "captions": tf.reshape(c, [1])}
     )
-    return Source(os.path.basename(path), examples, end - begin, image_files=True)
+    return Source(os.path.basename(path), examples, end - begin, image_files=True,
+                  where=lambda k: f"{path} line {lines[k]}")
 
 
 def _sample(files: dict[str, bytes]) -> dict:
@@ -210,44 +293,82 @@ def _sample(files: dict[str, bytes]) -> dict:
     caption = files.get(".txt", b"").decode("utf-8", "replace")
     if not caption and ".json" in files:
         try:
-            caption = str(json.loads(files[".json"]).get("caption") or "")
+            caption = str(json.loads(files[".json"].decode("utf-8", "replace")).get("caption") or "")
         except (ValueError, AttributeError):
             caption = ""
     return {"image": image, "image_path": "", "captions": np.array([caption.strip()], dtype=object)}
 
 
-def _tar_samples(shard: bytes) -> Iterator[dict]:
-    """Samples of a WebDataset tar: consecutive files sharing a key (`key.jpg` + `key.txt` / `key.json`).
-
-    A sample with no image or no caption is still yielded (the pipeline skips and counts it); a
-    truncated shard ends at its last readable sample.
-    """
+def _tar_groups(archive: tarfile.TarFile, read: bool) -> Iterator[tuple[str, dict]]:
+    """(key, {extension: file}) of each sample of an open WebDataset tar: consecutive image, .txt and .json files
+    sharing a key. The files are their bytes when `read`, else their members (headers only, no data read).
+    Where the tar is cut short, raises one of `_TAR_ERRORS` after the samples before the cut."""
     key, files = None, {}
-    try:
-        with tarfile.open(shard.decode()) as archive:
-            for member in archive:
-                stem, extension = os.path.splitext(member.name)
-                if not member.isfile() or extension.lower() not in IMAGE_EXTENSIONS + (".txt", ".json"):
-                    continue
-                if stem != key and key is not None:
-                    yield _sample(files)
-                    files = {}
-                key = stem
-                files[extension.lower()] = archive.extractfile(member).read()
-    except (tarfile.TarError, OSError) as error:
-        print(f"warning: tar shard {shard.decode()} is unreadable past sample {key!r}: {error}", flush=True)
+    for member in archive:
+        stem, extension = os.path.splitext(member.name)
+        if not member.isfile() or extension.lower() not in SAMPLE_EXTENSIONS:
+            continue
+        if stem != key and key is not None:
+            yield key, files
+            files = {}
+        key = stem
+        files[extension.lower()] = archive.extractfile(member).read() if read else member
     if key is not None:
-        yield _sample(files)
+        yield key, files
+
+
+def _cut_short(shard: str, samples: int, error: Exception) -> str:
+    return (f"warning: tar shard {shard} is cut short after {samples} sample(s) ({error}); a partial download? Its "
+            "samples before the cut are used: download it again for the others")
+
+
+def _tar_samples(shard: bytes) -> Iterator[dict]:
+    """Samples of a WebDataset tar (`_tar_groups`), `key.jpg` + `key.txt` / `key.json`.
+
+    A sample with no image or no caption is still yielded (the pipeline skips and counts it); a caption that
+    is not valid UTF-8 is read with U+FFFD for its bad bytes; a truncated shard ends, with a warning, at its
+    last whole sample (where `_count_tar_samples` stops counting).
+    """
+    shard, count = shard.decode(), 0
+    try:
+        with tarfile.open(shard) as archive:
+            for _, files in _tar_groups(archive, read=True):
+                yield _sample(files)
+                count += 1
+    except _TAR_ERRORS as error:
+        print(_cut_short(shard, count, error), flush=True)
 
 
 def _count_tar_samples(shard: str) -> int:
+    """The samples of a tar shard, from its headers; one cut short (a partial download) counts those before the
+    cut, with a warning. A file that cannot be opened as a tar at all is a ValueError."""
+    try:
+        archive = tarfile.open(shard)
+    except _TAR_ERRORS as error:
+        raise ValueError(f"tar shard {shard} cannot be opened as a tar file ({str(error).splitlines()[-1].strip()}): "
+                         "empty, cut short or not a tar? Download it again, or remove it") from None
+    count = 0
+    with archive:
+        try:
+            for _ in _tar_groups(archive, read=False):
+                count += 1
+        except _TAR_ERRORS as error:
+            print(_cut_short(shard, count, error), flush=True)
+    return count
+
+
+def _tar_key(shard: str, index: int) -> str:
+    """The key of sample `index` of a tar shard."""
     with tarfile.open(shard) as archive:
-        return len({os.path.splitext(m.name)[0] for m in archive if m.isfile()
-                    and os.path.splitext(m.name)[1].lower() in IMAGE_EXTENSIONS + (".txt", ".json")})
+        return next(itertools.islice(_tar_groups(archive, read=False), index, None))[0]
 
 
 def tar_source(pattern: str, *, process_index=None, process_count=None) -> Source:
-    """WebDataset-style tar shards (as img2dataset writes them); process p reads shards p, p + P, ..."""
+    """WebDataset-style tar shards (as img2dataset writes them); process p reads shards p, p + P, ...
+
+    A shard cut short (a partial download) gives its samples before the cut, with a warning; a sample without
+    an image that decodes or without a caption is skipped and counted when training visits it.
+    """
     shards = sorted(glob.glob(os.path.expanduser(pattern)))
     if not shards:
         raise ValueError(f"no tar shards match {pattern!r}")
@@ -258,7 +379,12 @@ def tar_source(pattern: str, *, process_index=None, process_count=None) -> Sourc
     examples = tf.data.Dataset.from_tensor_slices(mine).flat_map(
         lambda shard: tf.data.Dataset.from_generator(_tar_samples, output_signature=_SIGNATURE, args=(shard,))
     )
-    return Source(pattern, examples, sum(_count_tar_samples(s) for s in mine))
+    starts = np.cumsum([0] + [_count_tar_samples(shard) for shard in mine])
+
+    def where(k: int) -> str:
+        shard = int(np.searchsorted(starts, k, side="right")) - 1
+        return f"{mine[shard]} sample {_tar_key(mine[shard], k - int(starts[shard]))!r}"
+    return Source(pattern, examples, int(starts[-1]), where=where)
 
 
 def wds_source(path: str, *, split: str = "test", process_index=None, process_count=None) -> Source:

@@ -35,6 +35,7 @@ from jclip.train.state import StateLayout, TrainState, create_train_state, state
 from jclip.train.step import make_train_step
 from jclip.train.teacher import make_teacher
 from jclip.train.throughput import ThroughputMeter, peak_flops_per_device
+from jclip.train.workdir_lock import WorkdirLock
 
 
 class StopRequested:
@@ -97,11 +98,11 @@ def config_train_step(config: ConfigDict, layout: StateLayout):
 
 def initial_state(config: ConfigDict, workdir: str, layout: StateLayout,
                   checkpointer: Checkpointer) -> tuple[TrainState, int]:
-    """(state, this process's input position) to start from: the workdir's latest checkpoint, or the
-    parameters of a parameters-only checkpoint there (converted weights) with a fresh optimizer, or
-    freshly initialised parameters, with the parts `config.init_from` names taken from pretrained ones."""
-    latest = checkpointer.latest_step()
-    if latest is None:
+    """(state, this process's input position) to start from: the workdir's newest readable checkpoint
+    (`Checkpointer.newest_readable`), or the parameters of a parameters-only checkpoint there (converted
+    weights) with a fresh optimizer, or freshly initialised parameters, with the parts `config.init_from`
+    names taken from pretrained ones."""
+    if checkpointer.latest_step() is None:
         check_locked_parts_are_pretrained(config)
         state = create_train_state(layout, jax.random.key(config.seed))
         if config.init_from.path is None:
@@ -110,15 +111,20 @@ def initial_state(config: ConfigDict, workdir: str, layout: StateLayout,
         parts = ", ".join(config.init_from.parts)
         print(f"Starting from the parameters ({parts}) of {config.init_from.path}, with a fresh optimizer.")
         return train_state_from_params(layout, params), 0
-    record = checkpointer.read_record(latest)
-    if record.get("parameters_only"):
-        checkpointer.check_model(record)
-        params, _ = read_params(workdir, layout.abstract.params, latest)
-        print(f"Starting from the parameters in {checkpointer.directory}/{latest}, with a fresh optimizer.")
-        return train_state_from_params(layout, params), 0
-    state, record = checkpointer.restore(layout.abstract, latest)
-    print(f"Resuming from {checkpointer.directory} at step {int(state.step)}.")
-    return state, start_position(record, config)
+
+    def read(step: int) -> tuple[TrainState, int, str]:
+        record = checkpointer.read_record(step)
+        if record.get("parameters_only"):
+            checkpointer.check_model(record)
+            params, _ = read_params(workdir, layout.abstract.params, step)
+            return (train_state_from_params(layout, params), 0,
+                    f"Starting from the parameters in {checkpointer.directory}/{step}, with a fresh optimizer.")
+        state, record = checkpointer.restore(layout.abstract, step)
+        return state, start_position(record, config), f"Resuming from {checkpointer.directory} at step {step}."
+
+    state, position, message = checkpointer.newest_readable(read, strict=config.resume_strict)
+    print(message)
+    return state, position
 
 
 def check_locked_parts_are_pretrained(config: ConfigDict) -> None:
@@ -212,8 +218,12 @@ def set_up(config: ConfigDict, workdir: str) -> Run:
 
     model = models.model_class(config.model)(**config.model)
     layout = train_state_layout(config, model, build_optimizer(config), mesh)
+    if config.checkpoint_failure not in ("stop", "retry"):
+        raise ValueError(f"config.checkpoint_failure={config.checkpoint_failure!r}; use 'stop' (a failed save stops "
+                         "the run) or 'retry' (train on and save again at the next checkpoint)")
     checkpointer = Checkpointer(workdir, config.model.to_dict(), save_every=config.checkpoint_every,
-                                keep=config.keep_checkpoints, keep_period=config.keep_checkpoint_every)
+                                keep=config.keep_checkpoints, keep_period=config.keep_checkpoint_every,
+                                retry_failed_saves=config.checkpoint_failure == "retry")
     state, position = initial_state(config, workdir, layout, checkpointer)
     batches = pipeline.TrainInput(
         sources, tokenizer, mesh, batch_size=config.batch_size, text_length=config.data.text_length,
@@ -324,16 +334,18 @@ def progress_bar(run: Run) -> tqdm:
 
 
 def train(config: ConfigDict, workdir: str, *, evaluate_at_end: bool = True) -> TrainState:
-    """Train (resuming from the latest checkpoint in `workdir`), evaluate at the end, return the final state."""
-    run = set_up(config, workdir)
-    try:
-        with StopRequested() as stop, progress_bar(run) as bar:
-            step, metrics = run_steps(run, stop, bar)
-            save_at_end(run, step, metrics)  # still under the handlers: a signal that comes now only sets the flag
-    finally:
-        run.close()
-    if step < config.total_steps:
-        print(f"Stopped at step {step} on request; checkpoint saved. Re-run the same command to resume.")
-    elif evaluate_at_end and step == config.total_steps:
-        write_report(evaluate(run), workdir, step, f"Evaluation of {workdir}")
+    """Train (resuming from the newest readable checkpoint in `workdir`), evaluate at the end, return the
+    final state; the workdir is locked against other trainers meanwhile."""
+    with WorkdirLock(workdir, config.lock_stale_minutes):
+        run = set_up(config, workdir)
+        try:
+            with StopRequested() as stop, progress_bar(run) as bar:
+                step, metrics = run_steps(run, stop, bar)
+                save_at_end(run, step, metrics)  # still under the handlers: a signal that comes now only sets the flag
+        finally:
+            run.close()
+        if step < config.total_steps:
+            print(f"Stopped at step {step} on request; checkpoint saved. Re-run the same command to resume.")
+        elif evaluate_at_end and step == config.total_steps:
+            write_report(evaluate(run), workdir, step, f"Evaluation of {workdir}")
     return run.state
