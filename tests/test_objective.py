@@ -13,7 +13,7 @@ from ml_collections import ConfigDict
 from batches import random_batch
 from helpers import assert_trees_close, init_params, read_metrics
 from jclip import losses, models, parallel
-from jclip.data import shapes
+from jclip.data import preprocess, shapes
 from jclip.train.loop import train
 from jclip.train.objective import LOSSES, caption_labels, make_objective
 from jclip.train.step import make_gradient_step
@@ -172,8 +172,9 @@ def test_trainer_distils_a_teacher_checkpoint_with_hard_negatives(tiny_config, t
     np.testing.assert_allclose(
         logged["loss"], logged["loss_clip"] + logged["loss_distillation"] + 0.5 * logged["loss_negclip"], rtol=1e-5)
     batch = seen[0]
+    assert batch["image"].dtype == np.uint8  # the student's step and the teacher finish them alike
     out = models.model_class(tiny_config.model)(**tiny_config.model).apply(
-        {"params": teacher_params}, batch["image"], batch["tokens"])
+        {"params": teacher_params}, preprocess.batch_op(tiny_config.data.preprocess)(batch["image"]), batch["tokens"])
     for name in ("zimg", "ztxt", "scale"):
         np.testing.assert_allclose(batch[f"teacher_{name}"], np.broadcast_to(out[name], batch[f"teacher_{name}"].shape),
                                    rtol=1e-5, atol=1e-6, err_msg=name)

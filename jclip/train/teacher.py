@@ -4,7 +4,8 @@
 any model jclip can build (a converted OpenCLIP model too). Its embeddings and scale join the batch
 as `teacher_zimg`, `teacher_ztxt` and `teacher_scale` (repeated per example so that it shards with
 the batch), which the `distillation` term of the objective reads. The teacher sees the student's
-images and tokens, so it must share the student's tokenizer and image size.
+images (finished by the preprocessing's per-pixel ops, as the train step finishes them) and tokens,
+so it must share the student's tokenizer and image size.
 """
 
 from typing import Callable, Optional
@@ -16,6 +17,7 @@ from ml_collections import ConfigDict
 
 from jclip import parallel
 from jclip.checkpoint import load_model, locate
+from jclip.data import preprocess
 
 Batch = dict[str, jax.Array]
 
@@ -30,9 +32,10 @@ def make_teacher(config: ConfigDict, mesh: Mesh, tokenizer) -> Optional[Callable
     run_directory, step = locate(None, config.teacher, None)
     model, params, record = load_model(config, run_directory, step, mesh, tokenizer, verbose=False)
     print(f"Distilling from the teacher at {run_directory}, step {record['step']}.")
+    finish_images = preprocess.batch_op(config.data.preprocess)
 
     def embed(params, images, tokens):
-        out = model.apply({"params": params}, images, tokens)
+        out = model.apply({"params": params}, finish_images(images), tokens)
         return {"teacher_zimg": out["zimg"], "teacher_ztxt": out["ztxt"],
                 "teacher_scale": jnp.broadcast_to(jnp.reshape(out["scale"], ()), (images.shape[0],))}
 
