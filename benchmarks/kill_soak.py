@@ -99,9 +99,9 @@ class Moment:
         self.at: Optional[float] = None
 
     def reached(self) -> bool:
-        train, evaluated = logged_steps(self.workdir, self.offset)
         if self.name == "save":
             return any("tmp" in name for name in checkpoint_entries(self.workdir) - self.old_entries)
+        train, evaluated = logged_steps(self.workdir, self.offset)
         if self.name == "evaluation":
             return bool(train) and train[-1] % EVALUATE_EVERY == 0 and train[-1] not in evaluated
         if train and self.at is None:  # "step": a random instant once steps run

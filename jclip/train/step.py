@@ -114,9 +114,11 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A jitted `(state, batch) -> (state, metrics)` for states laid out as `layout` says.
 
-    `image_op` finishes the batch's images on the devices (see `make_gradient_function`). After the update, `scale` is clamped at the model's `max_scale`, and the EMA
-    of the parameters (when the state has one) moves by `1 - ema_decay` towards
-    them. The state is donated: do not reuse the one passed in.
+    `image_op` finishes the batch's images on the devices (see
+    `make_gradient_function`). After the update, `scale` is clamped at the
+    model's `max_scale`, and the EMA of the parameters (when the state has one)
+    moves by `1 - ema_decay` towards them. The state is donated: do not reuse
+    the one passed in.
     """
     model, optimizer, mesh = layout.model, layout.optimizer, layout.mesh
     max_scale = getattr(model, "max_scale", None)
