@@ -67,14 +67,17 @@ def load_config(steps: int, shapes_config: str):
     return config
 
 
-def test_geometry(config, model, params) -> dict:
-    """`embedding_geometry` of every test image and its caption, under the trained model."""
+def test_embeddings(config, model, params):
+    """Every test image and its caption embedded by the trained model: (zimg, ztxt, the test split's arrays)."""
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.data_dir)
     evaluator = make_evaluator(config, model, params, tokenizer, parallel.make_mesh())
     data = pipeline.load_split(shapes.prepare(config.evaluate.shapes_config, config.data.data_dir), "test",
                                evaluator.preprocess)
-    zimg = evaluator.embed_array(data["image"])
-    ztxt = evaluator.embed_texts([c.decode() if isinstance(c, bytes) else str(c) for c in data["caption"]])
+    return evaluator.embed_array(data["image"]), evaluator.embed_texts(list(data["caption"])), data
+
+
+def geometry(zimg, ztxt) -> dict:
+    """`embedding_geometry` of paired embeddings, as floats."""
     return {k: float(v) for k, v in embedding_geometry(jnp.asarray(zimg), jnp.asarray(ztxt)).items()}
 
 
@@ -88,7 +91,7 @@ def run(name: str, set_objective, args) -> dict:
         tasks = json.load(f)["tasks"]
     zero_shot = tasks["shapes"]["zero_shot"]
     return {
-        **test_geometry(config, model, evaluation_params(state)),
+        **geometry(*test_embeddings(config, model, evaluation_params(state))[:2]),
         "zero_shot_shape": zero_shot["shape"]["all"],
         "zero_shot_colour": zero_shot["colour"]["all"],
         **{f"compositionality_{kind}": v["accuracy"] for kind, v in tasks["compositionality"].items()

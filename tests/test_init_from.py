@@ -10,7 +10,7 @@ from jclip.convert.to_checkpoint import save_converted
 from jclip.models.vision import resize_positions
 from jclip.parameter_layout import init_params
 from jclip.train.init_from import pretrained_params
-from jclip.train.loop import train, train_state_layout
+from jclip.train.loop import check_locked_parts_are_pretrained, train, train_state_layout
 from jclip.train.optimizer import build_optimizer
 
 
@@ -108,3 +108,8 @@ def test_bad_init_from_is_one_clear_line(tiny_config, converted, tmp_path):
     tiny_config.init_from.path, tiny_config.optimizer.frozen = None, ("image_tower",)
     with pytest.raises(ValueError, match=r"frozen locks \['image_tower'\], which this new run would keep at their"):
         train(tiny_config, str(tmp_path / "random_locked"), evaluate_at_end=False)
+    tiny_config.optimizer.frozen = ("logit_scale", "image_tower")
+    with pytest.raises(ValueError, match=r"frozen locks \['image_tower'\], which"):
+        check_locked_parts_are_pretrained(tiny_config)
+    tiny_config.optimizer.frozen = ("logit_scale",)  # a fixed temperature: the scale starts at config.model.init_scale
+    check_locked_parts_are_pretrained(tiny_config)

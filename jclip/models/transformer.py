@@ -52,8 +52,14 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU's tanh approximation (Hendrycks & Gimpel 2016), PyTorch's `approximate="tanh"`: SigLIP 2's text tower."""
+    return jax.nn.gelu(x, approximate=True)
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu,
+    "gelu_tanh": gelu_tanh,
     "quick_gelu": quick_gelu,
 }
 

@@ -127,11 +127,16 @@ def initial_state(config: ConfigDict, workdir: str, layout: StateLayout,
     return state, position
 
 
+SET_BY_CONFIG = ("logit_scale", "logit_bias")  # initialised from config.model (init_scale, init_bias), not at random
+
+
 def check_locked_parts_are_pretrained(config: ConfigDict) -> None:
     """A new run that locks parameter groups (`optimizer.frozen`) must take them from `init_from`: locked at
-    their random initialisation they would be useless."""
+    their random initialisation they would be useless. The scale and bias start where the config says, so
+    locking them is a fixed temperature (and bias)."""
     parts = tuple(config.init_from.parts) if config.init_from.path is not None else ()
-    random = [group for group in config.optimizer.frozen if ALL not in parts and group not in parts]
+    random = [group for group in config.optimizer.frozen
+              if group not in SET_BY_CONFIG and ALL not in parts and group not in parts]
     if random:
         raise ValueError(f"config.optimizer.frozen locks {random}, which this new run would keep at their random "
                          "initialisation: set config.init_from.path to pretrained weights (and config.init_from.parts "
