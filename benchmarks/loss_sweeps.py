@@ -20,7 +20,7 @@ Each run is a subprocess writing `<workdir>/<run>/sweep_result.json`; a second c
 and resumes a half-finished one from its checkpoint. The tables (mean ± standard error over seeds) go to
 stdout and `<workdir>/tables.md`, one figure per claim to `<workdir>/figures/`.
 
-    python benchmarks/loss_sweeps.py                 # 48 runs, about 80 min on 2 CPU cores
+    python benchmarks/loss_sweeps.py                 # 45 runs, about 90 min on 2 CPU cores
     python benchmarks/loss_sweeps.py --claims temperature --seeds 5
 """
 
@@ -127,8 +127,13 @@ def train_and_measure(run: Run, args) -> None:
     }
     temporary = os.path.join(workdir, "sweep_result.json.tmp")
     with open(temporary, "w") as f:
-        json.dump({"run": dataclasses.asdict(run), "result": result}, f, indent=1)
+        json.dump({"run": dataclasses.asdict(run), "setting": setting(args), "result": result}, f, indent=1)
     os.replace(temporary, os.path.join(workdir, "sweep_result.json"))
+
+
+def setting(args) -> dict:
+    """What every run of a sweep shares besides its `Run` fields; a workdir holds runs of one setting."""
+    return {"examples": args.examples, "shapes_config": args.shapes_config}
 
 
 def result_path(run: Run, args) -> str:
@@ -187,11 +192,16 @@ def cell(values: list[float], percent: bool = False, digits: int = 3) -> str:
 
 
 def collect(runs: list[Run], args) -> dict[Run, dict]:
+    """The finished runs' results; an error if one was trained with another setting (another --examples)."""
     results = {}
     for run in runs:
         if os.path.exists(result_path(run, args)):
             with open(result_path(run, args)) as f:
-                results[run] = json.load(f)["result"]
+                saved = json.load(f)
+            if saved["setting"] != setting(args):
+                sys.exit(f"error: {result_path(run, args)} was trained with {saved['setting']}, not "
+                         f"{setting(args)}: use another --workdir for another setting")
+            results[run] = saved["result"]
     return results
 
 
@@ -347,7 +357,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--examples", type=int, default=25_600, help="examples each run sees (steps × batch)")
     parser.add_argument("--batches", type=integers, default=[16, 32, 64, 128])
-    parser.add_argument("--temperatures", type=floats, default=[0.01, 0.03, 0.1, 0.3])
+    parser.add_argument("--temperatures", type=floats, default=[0.01, 0.05, 0.25])
     parser.add_argument("--temperature-batch", type=int, default=128)
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (small batches use one core)")
     parser.add_argument("--shapes-config", default="default", help="the shapes dataset (tiny: a quick check)")
@@ -364,6 +374,7 @@ def main():
     if too_small:
         parser.error(f"--examples {args.examples} is less than one batch of {max(too_small)}")
     runs = planned_runs(args)
+    collect(runs, args)  # refuses a workdir of another setting before anything runs
     print(f"{len(runs)} runs in {args.workdir}: {len(runs) - sum(os.path.exists(result_path(r, args)) for r in runs)}"
           " to do")
     run_all(runs, args)

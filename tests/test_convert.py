@@ -24,8 +24,24 @@ from jclip import models
 from jclip.convert import from_open_clip, load_state_dict, save_converted
 
 
-@pytest.mark.parametrize("name", ["ViT-B-32", "RN50", "ViT-B-16-SigLIP"])
+# SigLIP 2's larger shapes (1-5 GB of weights in each framework) are checked on request.
+LARGE_SIGLIP2 = ["ViT-B-16-SigLIP2-256", "ViT-L-16-SigLIP2-256", "ViT-SO400M-14-SigLIP2"]
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "RN50", "ViT-B-16-SigLIP", "ViT-B-16-SigLIP2"])
 def test_converted_model_matches_open_clip(name):
+    check_parity(name)
+
+
+@pytest.mark.parametrize("name", LARGE_SIGLIP2)
+def test_converted_large_siglip2_matches_open_clip(name):
+    if os.environ.get("JCLIP_LARGE_PARITY") != "1":
+        pytest.skip("several GB each: JCLIP_LARGE_PARITY=1 runs it")
+    check_parity(name)
+
+
+def check_parity(name):
+    """jclip's conversion of OpenCLIP's model `name` (random weights) embeds images and token ids as OpenCLIP."""
     torch, reference = random_open_clip(name)
     params = from_open_clip(reference.state_dict(), name)
     config = models.model_config(name)

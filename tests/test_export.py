@@ -71,7 +71,8 @@ def photo(height: int, width: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-32-quickgelu", "ViT-S-32", "ViT-B-16", "ViT-L-14", "RN50",
-                                  "RN101", "ViT-B-16-SigLIP", "coca_ViT-B-32"])
+                                  "RN101", "ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "ViT-B-16-SigLIP2-256",
+                                  "ViT-L-16-SigLIP2-256", "ViT-SO400M-14-SigLIP2", "coca_ViT-B-32"])
 def test_model_configs_are_open_clips(name):
     """The configuration written for each OpenCLIP model jclip knows is open_clip's own `model_configs/NAME.json`."""
     assert open_clip_model_config(name, tokenizer=HUB_TOKENIZERS.get(name)) == open_clip_json(name)

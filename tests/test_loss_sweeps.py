@@ -1,11 +1,13 @@
 """benchmarks/loss_sweeps.py at its smallest (2 steps, 1 seed), so the script behind the README's loss tables
 cannot rot, and its tolerance measure against the definition."""
 
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 from jclip.data import shapes
@@ -36,9 +38,14 @@ def test_the_smallest_sweep_writes_its_tables_and_figures_and_a_second_call_reus
     assert "| 0.1 (10) |" in tables and "| learned (ends at" in tables
     assert "siglip" not in tables
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"dcl.png", "temperature.png"}
-    fixed = loss_sweeps.collect([loss_sweeps.Run("clip", 8, 0, 0.1)], loss_sweeps.argparse.Namespace(
-        workdir=str(tmp_path)))
-    assert abs(next(iter(fixed.values()))["scale"] - 10.0) < 1e-4  # optimizer.frozen kept the scale at 1/τ
+    fixed = json.loads((tmp_path / "clip_tau0.1_batch8_seed0" / "sweep_result.json").read_text())
+    assert abs(fixed["result"]["scale"] - 10.0) < 1e-4  # optimizer.frozen kept the scale at 1/τ
+    assert fixed["setting"] == {"examples": 16, "shapes_config": "tiny"}
+
+    other = loss_sweeps.argparse.Namespace(workdir=str(tmp_path), examples=24, shapes_config="tiny")
+    with pytest.raises(SystemExit, match=r"was trained with \{'examples': 16, .* use another --workdir"):
+        loss_sweeps.collect(loss_sweeps.planned_runs(loss_sweeps.argparse.Namespace(
+            claims=["dcl"], seeds=1, batches=[8])), other)
 
     again = sweep(tmp_path, shapes_data_dir)
     assert "0 to do" in again and tables == (tmp_path / "tables.md").read_text()

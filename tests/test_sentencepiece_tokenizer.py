@@ -7,7 +7,8 @@ import pytest
 import sentencepiece
 
 from helpers import CAPTIONS
-from jclip.data.sentencepiece_tokenizer import SentencePieceTokenizer
+from jclip.data.sentencepiece_tokenizer import SentencePieceTokenizer, canonicalize
+from jclip.data.tokenizers import load_tokenizer
 
 VOCAB_SIZE = 40
 
@@ -113,3 +114,13 @@ def test_rejects_incompatible_special_ids(t5_style_model, default_model, tmp_pat
         tokenizer(CAPTIONS, length=0)
     with pytest.raises(TypeError):
         tokenizer(CAPTIONS[0], length=8)
+
+
+def test_siglip_spec_cleans_texts_as_big_vision_before_encoding(t5_style_model):
+    """`siglip:PATH` lower-cases and strips punctuation (OpenCLIP's clean="canonicalize") before encoding."""
+    assert canonicalize("  A Photo_of a DOG!  (big) ") == "a photo of a dog big"
+    siglip = load_tokenizer(f"siglip:{t5_style_model}")
+    plain = load_tokenizer(f"sentencepiece:{t5_style_model}")
+    texts = ["A RED Circle, left of a Square!", "a_blue  triangle."]
+    np.testing.assert_array_equal(siglip(texts, 32), plain([canonicalize(t) for t in texts], 32))
+    assert not np.array_equal(siglip(texts, 32), plain(texts, 32))

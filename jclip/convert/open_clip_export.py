@@ -40,7 +40,9 @@ _POOLER_QUERIES = 256
 # The tokenizers OpenCLIP gives models whose weights jclip converts without one (`data_settings`: SigLIP's
 # SentencePiece model comes from the hub), as their `text_cfg` entries in open_clip's model configs.
 HUB_TOKENIZERS = {
-    "ViT-B-16-SigLIP": {"hf_tokenizer_name": "timm/ViT-B-16-SigLIP", "tokenizer_kwargs": {"clean": "canonicalize"}},
+    name: {"hf_tokenizer_name": f"timm/{name}", "tokenizer_kwargs": {"clean": "canonicalize"}}
+    for name in ("ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "ViT-B-16-SigLIP2-256", "ViT-L-16-SigLIP2-256",
+                 "ViT-SO400M-14-SigLIP2")
 }
 
 # timm's MAP-pooled SigLIP ViTs with exact GELU, which OpenCLIP builds SigLIP image towers from (by name):
@@ -207,6 +209,8 @@ def _text(text: dict, tokenizer: Optional[Mapping[str, Any]], eos_id: Optional[i
         cfg["no_causal_mask"] = True
     if text.get("proj_bias"):
         cfg["proj_bias"] = True
+    if text.get("activation") == "gelu_tanh":
+        cfg["act_kwargs"] = {"approximate": "tanh"}
     pool = text.get("pool", "eos")
     if pool == "eos":
         if eos_id is None:
@@ -219,7 +223,7 @@ def _text(text: dict, tokenizer: Optional[Mapping[str, Any]], eos_id: Optional[i
 
 def _quick_gelu(activations: list[tuple[str, str]]) -> dict:
     """OpenCLIP's one `quick_gelu` switch for the towers it governs (not a timm tower, not a ResNet)."""
-    kinds = {activation for _, activation in activations}
+    kinds = {"gelu" if activation == "gelu_tanh" else activation for _, activation in activations}  # act_kwargs
     if len(kinds) > 1:
         _refuse(", ".join(f"{where}.activation={activation!r}" for where, activation in activations),
                 "one quick_gelu switch sets the activation of all its towers")

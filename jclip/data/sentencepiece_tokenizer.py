@@ -16,12 +16,22 @@ padding never reads as text.
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Sequence
 
 import numpy as np
 import sentencepiece
 
 from jclip.data.bpe_tokenizer import pack_fixed_length
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def canonicalize(text: str) -> str:
+    """big_vision's text cleaning for SigLIP and SigLIP 2 (OpenCLIP's `clean="canonicalize"`): underscores to
+    spaces, punctuation removed, lower case, runs of whitespace to one space."""
+    return " ".join(text.replace("_", " ").translate(_PUNCTUATION).lower().split())
 
 
 class SentencePieceTokenizer:
@@ -34,12 +44,15 @@ class SentencePieceTokenizer:
         pad_id: int | None = None,
         end_id: int | None = None,
         add_start: bool = False,
+        clean: bool = False,
     ):
-        """`pad_id` / `end_id` default to the model's pad / eos pieces; `add_start` writes its bos first.
+        """`pad_id` / `end_id` default to the model's pad / eos pieces; `add_start` writes its bos first;
+        `clean` applies `canonicalize` to every text first, as SigLIP and SigLIP 2 were trained.
 
         For SigLIP's big_vision convention with the T5 vocabulary, pass `pad_id=1` (= its eos).
         """
         self.processor = processor
+        self.clean = clean
         self.vocab_size = processor.get_piece_size()
         self.pad_id = self._special_id("pad_id", pad_id, processor.pad_id())
         self.end_id = self._special_id("end_id", end_id, processor.eos_id())
@@ -67,19 +80,21 @@ class SentencePieceTokenizer:
 
     @classmethod
     def load(
-        cls, path: str, *, pad_id: int | None = None, end_id: int | None = None, add_start: bool = False
+        cls, path: str, *, pad_id: int | None = None, end_id: int | None = None, add_start: bool = False,
+        clean: bool = False,
     ) -> SentencePieceTokenizer:
         """From a SentencePiece `.model` file; arguments as in the constructor."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no SentencePiece model file at {path!r}")
         processor = sentencepiece.SentencePieceProcessor(model_file=path)
-        return cls(processor, pad_id=pad_id, end_id=end_id, add_start=add_start)
+        return cls(processor, pad_id=pad_id, end_id=end_id, add_start=add_start, clean=clean)
 
     def __call__(self, texts: Sequence[str], length: int) -> np.ndarray:
         """Encodes `texts` to int32 `[N, length]`: [start], tokens, end (kept on truncation), padding."""
         if isinstance(texts, str):
             raise TypeError("expected a sequence of texts, got a single str; wrap it in a list")
-        sequences = self.processor.encode(list(texts), out_type=int)
+        texts = [canonicalize(text) for text in texts] if self.clean else list(texts)
+        sequences = self.processor.encode(texts, out_type=int)
         return pack_fixed_length(sequences, length, start_id=self.start_id, end_id=self.end_id, pad_id=self.pad_id)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:

@@ -14,6 +14,8 @@ def load_tokenizer(name: str, data_dir: Optional[str] = None):
     - `"shapes/CONFIG"`: the BPE trained on that `shapes` dataset's captions;
     - `"clip"` or `"clip:PATH"`: OpenAI CLIP's BPE (merges file at PATH, or the one open_clip ships);
     - `"sentencepiece:PATH"`: a SentencePiece model file (SigLIP-style models);
+    - `"siglip:PATH"`: the same with SigLIP's text cleaning (lower case, no punctuation), for SigLIP and
+      SigLIP 2 weights (T5's `cc_en.32000` model, Gemma's 256k `tokenizer.model`);
     - a path ending in `.json`: a saved jclip `Tokenizer`.
     """
     if name.startswith("shapes/"):
@@ -22,7 +24,9 @@ def load_tokenizer(name: str, data_dir: Optional[str] = None):
         return ClipTokenizer.load(name.partition(":")[2] or None)
     if name.startswith("sentencepiece:"):
         return SentencePieceTokenizer.load(name.partition(":")[2])
+    if name.startswith("siglip:"):
+        return SentencePieceTokenizer.load(name.partition(":")[2], clean=True)
     if name.endswith(".json"):
         return Tokenizer.load(name)
     raise ValueError(f"unknown tokenizer {name!r}; use 'shapes/CONFIG', 'clip', 'clip:PATH', "
-                     "'sentencepiece:PATH' or the path of a tokenizer .json file")
+                     "'sentencepiece:PATH', 'siglip:PATH' or the path of a tokenizer .json file")

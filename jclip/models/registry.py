@@ -43,6 +43,25 @@ def _openai_resnet(embed_dim, layers, text_width, text_heads):
     )
 
 
+def _siglip(patch_size, width, depth, heads, image_size, vocab_size, mlp_ratio=4.0, text_activation="gelu"):
+    """A SigLIP model as OpenCLIP builds it from timm's ViT of that shape, with towers of equal width and
+    depth and a 64-token text tower."""
+    shape = {"mlp_ratio": mlp_ratio} if mlp_ratio != 4.0 else {}  # the defaults left out, as configs saved before
+    activation = {"activation": text_activation} if text_activation != "gelu" else {}
+    return dict(
+        embed_dim=width,
+        vision=dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth, num_heads=heads, **shape,
+                    pool="map", patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6),
+        text=dict(vocab_size=vocab_size, context_length=64, width=width, depth=depth, num_heads=heads, **shape,
+                  **activation, causal=False, pool="last", proj_bias=True, norm_eps=1e-6),
+        init_scale=10.0,
+        init_bias=-10.0,
+        max_scale=None,
+    )
+
+
+SIGLIP2_TEXT = dict(vocab_size=256000, text_activation="gelu_tanh")
+
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     # The demo model: 64 px images of the built-in `shapes` dataset, a conv stem
     # down to a 4x4 grid, captions of at most 16 tokens.
@@ -76,16 +95,13 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     # SigLIP (Zhai et al. 2023) as OpenCLIP builds it: timm's ViT without class
     # token or ln_pre, MAP pooling, no projection; a bidirectional text tower
     # pooled at the last token with a biased projection; sigmoid scale and bias.
-    "ViT-B-16-SigLIP": dict(
-        embed_dim=768,
-        vision=dict(image_size=224, patch_size=16, width=768, depth=12, num_heads=12, pool="map",
-                    patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6),
-        text=dict(vocab_size=32000, context_length=64, width=768, depth=12, num_heads=12, causal=False,
-                  pool="last", proj_bias=True, norm_eps=1e-6),
-        init_scale=10.0,
-        init_bias=-10.0,
-        max_scale=None,
-    ),
+    "ViT-B-16-SigLIP": _siglip(16, 768, 12, 12, 224, vocab_size=32000),
+    # SigLIP 2 (Tschannen et al. 2025, arXiv 2502.14786) at fixed resolution, as OpenCLIP's
+    # configs: SigLIP's towers with Gemma's 256k vocabulary and tanh-GELU in the text tower.
+    "ViT-B-16-SigLIP2": _siglip(16, 768, 12, 12, 224, **SIGLIP2_TEXT),
+    "ViT-B-16-SigLIP2-256": _siglip(16, 768, 12, 12, 256, **SIGLIP2_TEXT),
+    "ViT-L-16-SigLIP2-256": _siglip(16, 1024, 24, 16, 256, **SIGLIP2_TEXT),
+    "ViT-SO400M-14-SigLIP2": _siglip(14, 1152, 27, 16, 224, mlp_ratio=3.7362, **SIGLIP2_TEXT),
     # CoCa (Yu et al. 2022) as OpenCLIP's coca_ViT-B-32: 256 pooler queries (1
     # contrastive, 255 caption tokens), a 76-token text tower plus class token,
     # a 12-layer multimodal decoder.
