@@ -167,3 +167,18 @@ def test_an_in_memory_source_of_only_bad_examples_is_an_error_naming_it(tokenize
     with pytest.raises(ValueError, match=r"none of the 4 examples of source 'broken' has an image that can be read "
                                          r"and decoded and a caption \(broken example 0, .*broken example 3\)"):
         train_input([(broken, 1.0)], tokenizer)
+
+
+def test_converting_a_csv_with_a_directory_as_image_path_keeps_it_as_an_empty_image(tmp_path):
+    """`jclip.data.to_tfds.convert` writes the row with no image bytes (training skips it), instead of failing."""
+    import tensorflow_datasets as tfds
+
+    from jclip.data.to_tfds import convert
+
+    (tmp_path / "0.png").write_bytes(png(10, 8, 8))
+    (tmp_path / "folder.png").mkdir()
+    path = tmp_path / "pairs.csv"
+    path.write_text("filepath,caption\n0.png,picture number 0\nfolder.png,picture number 1\n")
+    directory = convert(csv_source(str(path)), "with_a_folder", str(tmp_path / "tfds"))
+    rows = tfds.builder_from_directory(directory).as_data_source(split="train")
+    assert sorted(len(rows[i]["image"]) > 0 for i in range(len(rows))) == [False, True]

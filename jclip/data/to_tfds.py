@@ -26,7 +26,9 @@ def _pairs(source: Source) -> tf.data.Dataset:
 
 
 def _read_or_empty(path):
-    return tf.py_function(lambda p: open(p.numpy(), "rb").read() if os.path.exists(p.numpy()) else b"",
+    """The file's bytes, or b"" where there is no file (missing, or a directory): an unusable example, which
+    training skips and counts as it does when reading the source directly."""
+    return tf.py_function(lambda p: open(p.numpy(), "rb").read() if os.path.isfile(p.numpy()) else b"",
                           [path], tf.string)
 
 
