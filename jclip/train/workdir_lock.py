@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from typing import Optional
 
 import jax
 
@@ -39,21 +40,54 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holder(path: str, stale_minutes: float) -> tuple[dict, str]:
-    """(the lock's contents, why it no longer holds: '' while its trainer lives)."""
+def _identity(status: os.stat_result) -> tuple[int, int]:
+    """Which lock file this is: its inode alone can be reused at once by a new file in its place."""
+    return status.st_ino, status.st_mtime_ns
+
+
+def _holder(path: str, stale_minutes: float) -> tuple[dict, str, Optional[tuple[int, int]]]:
+    """(the lock's contents, why it no longer holds: '' while its trainer lives, the lock file's `_identity`)."""
     try:
         with open(path) as f:
+            identity = _identity(os.fstat(f.fileno()))
             holder = json.load(f)
         idle_minutes = (time.time() - os.path.getmtime(path)) / 60
     except FileNotFoundError:
-        return {}, "released"
+        return {}, "released", None
     except (OSError, ValueError):
-        return {}, "unreadable"
+        return {}, "unreadable", None  # locks are written whole (`_create`): this one is not a trainer's
     if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
-        return holder, f"process {holder.get('pid')} has ended"
+        return holder, f"process {holder.get('pid')} has ended", identity
     if idle_minutes > stale_minutes:
-        return holder, f"not refreshed for {idle_minutes:.0f} minutes (config.lock_stale_minutes={stale_minutes:g})"
-    return holder, ""
+        return holder, (f"not refreshed for {idle_minutes:.0f} minutes (config.lock_stale_minutes="
+                        f"{stale_minutes:g})"), identity
+    return holder, "", identity
+
+
+def _create(path: str, content: str) -> None:
+    """Create `path` holding `content`, whole or not at all (FileExistsError if it exists): written to a file
+    of its own, then hard-linked into place, so no trainer ever reads a half-written lock."""
+    draft = f"{path}.{socket.gethostname()}.{os.getpid()}.draft"
+    with open(draft, "w") as f:
+        f.write(content)
+    try:
+        os.link(draft, path)
+    finally:
+        os.remove(draft)
+
+
+def _remove_if_same(path: str, judged: Optional[tuple[int, int]]) -> None:
+    """Remove the stale lock of `_identity` `judged`, but not a newer lock another trainer took over in between:
+    the file is first renamed aside (atomic), then given back if it is not the one judged."""
+    aside = f"{path}.{socket.gethostname()}.{os.getpid()}.stale"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if judged is not None and _identity(os.stat(aside)) != judged:
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    os.remove(aside)
 
 
 class WorkdirLock:
@@ -82,20 +116,17 @@ class WorkdirLock:
                               "started": datetime.datetime.now().isoformat(timespec="seconds")})
         for _ in range(3):  # a lock released or taken over between our looks: look again
             try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                _create(self.path, content)
             except FileExistsError:
-                holder, gone = _holder(self.path, self.stale_minutes)
+                holder, gone, identity = _holder(self.path, self.stale_minutes)
                 if not gone:
                     return (f"{os.path.dirname(self.path)} is in use by the trainer with process id {holder.get('pid')} "
                             f"on {holder.get('host')} (started {holder.get('started')}): stop it, or use another "
                             f"--workdir. If that trainer is gone, delete {self.path}")
                 if holder:
                     print(f"Taking over the workdir lock of process {holder.get('pid')} on {holder.get('host')}: {gone}.")
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path)
+                _remove_if_same(self.path, identity)
                 continue
-            with os.fdopen(descriptor, "w") as f:
-                f.write(content)
             return ""
         return f"could not take the lock {self.path}: other trainers keep taking it"
 
