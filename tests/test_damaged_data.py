@@ -182,3 +182,9 @@ def test_converting_a_csv_with_a_directory_as_image_path_keeps_it_as_an_empty_im
     directory = convert(csv_source(str(path)), "with_a_folder", str(tmp_path / "tfds"))
     rows = tfds.builder_from_directory(directory).as_data_source(split="train")
     assert sorted(len(rows[i]["image"]) > 0 for i in range(len(rows))) == [False, True]
+
+
+def test_a_source_with_no_examples_is_an_error_naming_it_also_outside_the_trainer(tmp_path, tokenizer):
+    empty = tar_source(write_tar(tmp_path / "00000.tar", []))
+    with pytest.raises(ValueError, match=r"source\(s\) \['.*00000.tar'\] have no examples"):
+        train_input([(empty, 1.0)], tokenizer)

@@ -66,6 +66,9 @@ def _source_stream(source: Source, source_index: int, seed: int, shuffle_buffer:
 def mixed_stream(sources: Sequence[tuple[Source, float]], seed: int, shuffle_buffer: int,
                  start: int) -> tf.data.Dataset:
     """Raw examples of the weighted mixture of `sources` from draw `start` on."""
+    empty = [source.name for source, _ in sources if source.num_examples == 0]
+    if empty:
+        raise ValueError(f"source(s) {empty} have no examples (for this process): check their path or pattern")
     streams = [functools.partial(_source_stream, source, index, seed, shuffle_buffer)
                for index, (source, _) in enumerate(sources)]
     return draw_order.mixture(streams, [weight for _, weight in sources], seed, start)
