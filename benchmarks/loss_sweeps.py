@@ -1,7 +1,9 @@
 """Three published claims about contrastive losses, measured on the built-in data with seeds and error bars.
 
 - **DCL at small batch** (Yeh et al. 2022, arXiv 2110.06848): taking the positive out of the softmax's
-  denominator helps most when the batch is small. `clip` against `dcl` at batch 16, 32, 64 and 128.
+  denominator helps most when the batch is small. `clip` against `dcl` at batch 16, 32, 64 and 128, both
+  at a fixed temperature as in the paper (`--dcl-temperature`): without the positive in the denominator
+  the loss falls without bound as the scale grows, so a learned scale runs to its clamp.
 - **SigLIP at small batch** (Zhai et al. 2023, arXiv 2303.15343): the sigmoid loss is at least as good
   as the softmax one below 16k pairs, and better at small batches. `clip` against `siglip`, same sweep.
 - **Temperature trades uniformity for tolerance** (Wang & Liu 2021, arXiv 2012.09740): a lower fixed
@@ -20,7 +22,7 @@ Each run is a subprocess writing `<workdir>/<run>/sweep_result.json`; a second c
 and resumes a half-finished one from its checkpoint. The tables (mean ± standard error over seeds) go to
 stdout and `<workdir>/tables.md`, one figure per claim to `<workdir>/figures/`.
 
-    python benchmarks/loss_sweeps.py                 # 45 runs, about 90 min on 2 CPU cores
+    python benchmarks/loss_sweeps.py                 # 54 runs, about 2 hours on 2 CPU cores
     python benchmarks/loss_sweeps.py --claims temperature --seeds 5
 """
 
@@ -60,13 +62,19 @@ class Run:
         return f"{self.loss}_tau{self.temperature:g}_batch{self.batch}_seed{self.seed}"
 
 
+def compared_temperature(loss: str, args) -> float | None:
+    """The fixed temperature of the batch sweep of `loss` and its clip baseline; None: learned."""
+    return args.dcl_temperature if loss == "dcl" else None
+
+
 def planned_runs(args) -> list[Run]:
     """The runs the chosen claims need, seed by seed (so a half-done sweep has every cell at a few seeds)."""
-    losses = ["clip"] + [claim for claim in ("dcl", "siglip") if claim in args.claims]
     runs = []
     for seed in range(args.seeds):
-        if {"dcl", "siglip"} & set(args.claims):
-            runs += [Run(loss, batch, seed) for batch in args.batches for loss in losses]
+        for loss in ("dcl", "siglip"):
+            if loss in args.claims:
+                t = compared_temperature(loss, args)
+                runs += [Run(name, batch, seed, t) for batch in args.batches for name in ("clip", loss)]
         if "temperature" in args.claims:
             runs += [Run("clip", args.temperature_batch, seed, t) for t in args.temperatures]
             runs.append(Run("clip", args.temperature_batch, seed))  # the learned scale, for reference
@@ -211,10 +219,10 @@ def seeds_of(results, metric, **match) -> dict[int, float]:
             if all(getattr(run, k) == v for k, v in match.items())}
 
 
-def paired_difference(results, metric, loss, batch) -> list[float]:
+def paired_difference(results, metric, loss, batch, temperature) -> list[float]:
     """loss − clip of each seed that has both runs at this batch (the same initialisation and data order)."""
-    ours = seeds_of(results, metric, loss=loss, batch=batch, temperature=None)
-    clip = seeds_of(results, metric, loss="clip", batch=batch, temperature=None)
+    ours = seeds_of(results, metric, loss=loss, batch=batch, temperature=temperature)
+    clip = seeds_of(results, metric, loss="clip", batch=batch, temperature=temperature)
     return [ours[s] - clip[s] for s in sorted(ours) if s in clip]
 
 
@@ -226,9 +234,10 @@ def batch_table(results, loss: str, args) -> str:
     for batch in args.batches:
         cells = []
         for metric, _ in metrics:
-            clip = list(seeds_of(results, metric, loss="clip", batch=batch, temperature=None).values())
-            ours = list(seeds_of(results, metric, loss=loss, batch=batch, temperature=None).values())
-            difference = paired_difference(results, metric, loss, batch)
+            t = compared_temperature(loss, args)
+            clip = list(seeds_of(results, metric, loss="clip", batch=batch, temperature=t).values())
+            ours = list(seeds_of(results, metric, loss=loss, batch=batch, temperature=t).values())
+            difference = paired_difference(results, metric, loss, batch, t)
             cells.append(f"{cell(clip, True)} / {cell(ours, True)} / **{signed(cell(difference, True))}**")
         lines.append(f"| {batch} ({args.examples // batch}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -272,7 +281,8 @@ def batch_figure(results, loss: str, args, path: str) -> None:
     for ax, (metric, label) in zip(axes, panels):
         for name, colour in (("clip", "#4878a8"), (loss, "#d1603d")):
             points = [(b, mean_and_error(v)) for b in args.batches
-                      if (v := list(seeds_of(results, metric, loss=name, batch=b, temperature=None).values()))]
+                      if (v := list(seeds_of(results, metric, loss=name, batch=b,
+                                             temperature=compared_temperature(loss, args)).values()))]
             if points:
                 x = [b for b, _ in points]
                 ax.errorbar(x, [100 * m for _, (m, _, _) in points],
@@ -283,7 +293,9 @@ def batch_figure(results, loss: str, args, path: str) -> None:
         ax.set_xlabel(f"batch size ({args.examples:,} examples seen)")
         ax.set_ylabel(label)
         ax.legend()
-    figure.suptitle(f"{loss} against clip: mean ± standard error over seeds", fontsize=10)
+    t = compared_temperature(loss, args)
+    scale = "learned scale" if t is None else f"fixed τ = {t:g}"
+    figure.suptitle(f"{loss} against clip ({scale}): mean ± standard error over seeds", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -332,7 +344,10 @@ def report(runs: list[Run], args) -> str:
     for loss in ("dcl", "siglip"):
         if loss in args.claims:
             batch_figure(results, loss, args, os.path.join(figures, f"{loss}.png"))
-            parts.append(f"### {loss} against clip by batch size ({seeds})\n\n{batch_table(results, loss, args)}")
+            t = compared_temperature(loss, args)
+            scale = "learned scale" if t is None else f"both at a fixed τ = {t:g}"
+            parts.append(f"### {loss} against clip by batch size ({scale}; {seeds})\n\n"
+                         f"{batch_table(results, loss, args)}")
     if "temperature" in args.claims:
         temperature_figure(results, args, os.path.join(figures, "temperature.png"))
         parts.append(f"### clip at a fixed temperature, batch {args.temperature_batch} ({seeds})\n\n"
@@ -359,6 +374,8 @@ def main():
     parser.add_argument("--batches", type=integers, default=[16, 32, 64, 128])
     parser.add_argument("--temperatures", type=floats, default=[0.01, 0.05, 0.25])
     parser.add_argument("--temperature-batch", type=int, default=128)
+    parser.add_argument("--dcl-temperature", type=float, default=0.05,
+                        help="the fixed τ of dcl and its clip baseline (with a learned one dcl's scale runs away)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (small batches use one core)")
     parser.add_argument("--shapes-config", default="default", help="the shapes dataset (tiny: a quick check)")
     parser.add_argument("--workdir", default="runs/loss_sweeps")

@@ -22,6 +22,7 @@ def sweep(workdir, data_dir):
     completed = subprocess.run(
         [sys.executable, "benchmarks/loss_sweeps.py", "--claims", "dcl,temperature", "--seeds", "1",
          "--examples", "16", "--batches", "8", "--temperatures", "0.1", "--temperature-batch", "8",
+         "--dcl-temperature", "0.1",
          "--parallel", "3", "--shapes-config", "tiny", "--workdir", str(workdir)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -31,10 +32,10 @@ def sweep(workdir, data_dir):
 def test_the_smallest_sweep_writes_its_tables_and_figures_and_a_second_call_reuses_the_runs(shapes_data_dir, tmp_path):
     out = sweep(tmp_path, shapes_data_dir)
     assert "3 runs in" in out and "3 to do" in out
-    runs = ("clip_batch8_seed0", "dcl_batch8_seed0", "clip_tau0.1_batch8_seed0")
+    runs = ("clip_tau0.1_batch8_seed0", "dcl_tau0.1_batch8_seed0", "clip_batch8_seed0")  # clip at τ 0.1: shared
     assert all((tmp_path / run / "sweep_result.json").exists() for run in runs)
     tables = (tmp_path / "tables.md").read_text()
-    assert "### dcl against clip by batch size" in tables and "| 8 (2) |" in tables
+    assert "### dcl against clip by batch size (both at a fixed τ = 0.1;" in tables and "| 8 (2) |" in tables
     assert "| 0.1 (10) |" in tables and "| learned (ends at" in tables
     assert "siglip" not in tables
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"dcl.png", "temperature.png"}
@@ -45,7 +46,7 @@ def test_the_smallest_sweep_writes_its_tables_and_figures_and_a_second_call_reus
     other = loss_sweeps.argparse.Namespace(workdir=str(tmp_path), examples=24, shapes_config="tiny")
     with pytest.raises(SystemExit, match=r"was trained with \{'examples': 16, .* use another --workdir"):
         loss_sweeps.collect(loss_sweeps.planned_runs(loss_sweeps.argparse.Namespace(
-            claims=["dcl"], seeds=1, batches=[8])), other)
+            claims=["dcl"], seeds=1, batches=[8], dcl_temperature=0.1)), other)
 
     again = sweep(tmp_path, shapes_data_dir)
     assert "0 to do" in again and tables == (tmp_path / "tables.md").read_text()
