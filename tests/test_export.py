@@ -292,10 +292,17 @@ def test_the_console_script_exits_with_mains_status(tmp_path, monkeypatch, capsy
     ({"vision": {"activation": "quick_gelu"}}, "vision.activation='quick_gelu', text.activation='gelu'"),
     ({"text": {"pool": "eos"}}, "text.pool='eos' without the tokenizer's end-of-text id"),
     ({"vision": {"pool": "map"}}, "vision.patch_bias=False with pool='map'"),
-], ids=["gap", "patch-bias", "no-projection", "mixed-activations", "eos-without-id", "map-openai-layout"])
+    ({"vision": {"num_registers": 4}}, "vision.num_registers=4: its transformers have no such option"),
+    ({"text": {"position": "rope"}}, "text.position='rope': its transformers have no such option"),
+    ({"text": {"norm": "rms", "mlp": "gated"}}, "text.norm='rms'"),
+], ids=["gap", "patch-bias", "no-projection", "mixed-activations", "eos-without-id", "map-openai-layout",
+        "registers", "rope", "rms"])
 def test_inexpressible_models_name_the_feature(overrides, message):
     with pytest.raises(NotExpressible, match=re.escape(f"OpenCLIP cannot express {message}")):
         open_clip_model_config("ViT-B-32", **overrides)
+    if "num_registers" in overrides.get("vision", {}):
+        with pytest.raises(NotExpressible, match=re.escape("CLIPModel cannot express vision.num_registers=4")):
+            hf_clip_config("ViT-B-32", **overrides)
 
 
 def test_inexpressible_siglip_and_coca_shapes_name_the_feature():

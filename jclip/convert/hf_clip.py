@@ -14,7 +14,8 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from jclip.convert.open_clip_export import NotExpressible, _model_config, _vit, open_clip_preprocess_config, to_open_clip
+from jclip.convert.open_clip_export import (NotExpressible, _model_config, _vit, open_clip_preprocess_config,
+                                            refuse_modern_layers, to_open_clip)
 
 # transformers reads a text `eos_token_id` of 2 as OpenAI's original pooling at the largest token id (argmax).
 _ARGMAX_EOS_ID = 2
@@ -30,6 +31,7 @@ def hf_clip_config(model: Union[str, Mapping[str, Any]], *, eos_id: Optional[int
     configuration); `eos_id` is the tokenizer's end-of-text id, which a text tower pooled there ('eos')
     needs. Raises `NotExpressible` naming what `CLIPModel` has no configuration for."""
     config = _model_config(model, overrides)
+    refuse_modern_layers(config, _refuse)
     vision, text = config["vision"], config["text"]
     if "decoder" in config or vision.get("type") == "resnet" or vision.get("pool", "cls") != "cls":
         kind = "a CoCa" if "decoder" in config else (

@@ -127,6 +127,22 @@ def _refuse(feature: str, why: str):
     raise NotExpressible(f"OpenCLIP cannot express {feature}: {why}")
 
 
+# The layer options of jclip's towers that neither OpenCLIP's ViT / text transformer nor timm's SigLIP ViTs
+# have, with the value that means "off".
+MODERN_LAYER_OPTIONS = {"num_registers": 0, "norm": "layer", "mlp": "standard", "qk_norm": False,
+                        "position": "learned"}
+
+
+def refuse_modern_layers(config: Mapping[str, Any], refuse=None) -> None:
+    """`NotExpressible` (through `refuse`, default OpenCLIP's wording) for a tower with a layer option of
+    `MODERN_LAYER_OPTIONS` switched on: register tokens, RMSNorm, a gated MLP, qk-norm, rotary positions."""
+    for tower in ("vision", "text"):
+        for option, off in MODERN_LAYER_OPTIONS.items():
+            value = config.get(tower, {}).get(option, off)
+            if value != off:
+                (refuse or _refuse)(f"{tower}.{option}={value!r}", "its transformers have no such option")
+
+
 def _eps(config: dict, default: float = 1e-6) -> dict:
     eps = config.get("norm_eps", default)
     return {} if eps == _NORM_EPS else {"norm_kwargs": {"eps": eps}}
@@ -239,6 +255,7 @@ def open_clip_model_config(model: Union[str, Mapping[str, Any]], *, eos_id: Opti
     tokenizer (`hf_tokenizer_name`, `tokenizer_kwargs`). Raises `NotExpressible` naming what OpenCLIP has
     no configuration for."""
     config = _model_config(model, overrides)
+    refuse_modern_layers(config)
     if "decoder" in config:
         return _coca(config, tokenizer)
     vision, text = config["vision"], config["text"]

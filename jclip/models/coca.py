@@ -19,7 +19,8 @@ from jclip.models.clip import l2_normalize
 from jclip.models.decoding import beam_search
 from jclip.models.execution import ExecutionOptions
 from jclip.models.partitioning import initializer
-from jclip.models.transformer import Encoder, EncoderBlock, attention, check_activation, dense, layer_norm
+from jclip.models.transformer import (Encoder, EncoderBlock, attention, check_activation, dense, layer_norm,
+                                      normalization)
 from jclip.models.vision import VisionTransformer, resize_positions
 
 
@@ -28,21 +29,22 @@ class AttentionalPooler(nn.Module):
 
     OpenCLIP's form: `attn(norm_q(queries), norm_k(x))` with neither residual
     nor MLP (unlike `MAPHead`); the queries have width `width`, the tokens
-    their own.
+    their own. `norm`: "layer" or "rms", the tower's norm kind.
     """
 
     num_queries: int
     width: int
     num_heads: int
     norm_eps: float = 1e-6
+    norm: str = "layer"
     options: ExecutionOptions = ExecutionOptions()
 
     @nn.compact
     def __call__(self, x):
         queries = self.param("query", initializer(nn.initializers.normal(1.0), ("seq", "embed"),
                                                   self.options.logical_axes), (self.num_queries, self.width))
-        queries = layer_norm(self.norm_eps, self.options, "ln_q")(queries.astype(self.options.dtype))
-        x = layer_norm(self.norm_eps, self.options, "ln_k")(x)
+        queries = normalization(self.norm, self.norm_eps, self.options, "ln_q")(queries.astype(self.options.dtype))
+        x = normalization(self.norm, self.norm_eps, self.options, "ln_k")(x)
         queries = jnp.broadcast_to(queries, (x.shape[0], *queries.shape))
         return attention(self.num_heads, self.options, "attn")(queries, x)
 
@@ -84,13 +86,10 @@ class CoCaVisionTower(VisionTransformer):
         x = x + pos.astype(x.dtype)
         if train and self.patch_dropout > 0:
             x = self._drop_patches(x, 1)
-        if self.ln_pre:
-            x = layer_norm(self.norm_eps, self.options, "ln_pre")(x)
-        x = Encoder(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
-                    norm_eps=self.norm_eps, options=self.options, name="encoder")(x)
+        x = self._encode(x)
         x = AttentionalPooler(self.pooler_queries, self.embed_dim, self.pooler_heads, norm_eps=self.norm_eps,
-                              options=self.options, name="pooler")(x)
-        x = layer_norm(self.norm_eps, self.options, "ln_post")(x)
+                              norm=self.norm, options=self.options, name="pooler")(x)
+        x = normalization(self.norm, self.norm_eps, self.options, "ln_post")(x)
         embedding = dense(self.embed_dim, ("embed", "proj"), self.options, "proj", use_bias=False)(x[:, 0])
         return embedding, x[:, 1:]
 

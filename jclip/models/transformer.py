@@ -3,11 +3,16 @@
 The layers take the model's `options` (`jclip.models.execution`: computation
 and matmul dtypes, remat, logical axes); those that normalise also take their
 tower's `norm_eps` (OpenAI / OpenCLIP use 1e-5, timm and SigLIP 1e-6).
+
+The blocks are CLIP's (LayerNorm, a GELU MLP, learned positions added by the
+tower) unless a tower asks for the options of more recent language models,
+each off by default (`Encoder`): RMSNorm, a gated MLP such as SwiGLU, query-key
+normalisation and rotary position embeddings.
 """
 
 import functools
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import flax.linen as nn
 import jax
@@ -57,16 +62,27 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
+def silu(x: jax.Array) -> jax.Array:
+    """SiLU or Swish (Elfwing et al. 2018; Ramachandran et al. 2017), x * sigmoid(x): the gate of SwiGLU."""
+    return jax.nn.silu(x)
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu,
     "gelu_tanh": gelu_tanh,
     "quick_gelu": quick_gelu,
+    "silu": silu,
 }
 
 
+def check_option(option: str, value: Any, choices: Iterable[Any]) -> None:
+    """A clear error for a configuration `value` of `option` that is not one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"unknown {option} {value!r}; use one of {sorted(choices)}")
+
+
 def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+    check_option("activation", activation, ACTIVATIONS)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -122,6 +138,34 @@ def layer_norm(eps: float, options: ExecutionOptions, name: str) -> LayerNorm:
     return LayerNorm(epsilon=eps, dtype=options.dtype, name=name)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467): x / sqrt(mean(x^2) + eps) * scale over the last axis.
+
+    LayerNorm without the centring and the bias, as in Llama-style language
+    models: one statistic per row, one parameter ("scale"). Statistics in
+    float32, the output in `dtype`.
+    """
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        inverse_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return (x32 * inverse_rms * scale).astype(self.dtype)
+
+
+NORMS: dict[str, type[nn.Module]] = {"layer": LayerNorm, "rms": RMSNorm}
+
+
+def normalization(kind: str, eps: float, options: ExecutionOptions, name: str) -> nn.Module:
+    """The norm layer of `kind` ("layer": `LayerNorm`, "rms": `RMSNorm`)."""
+    check_option("norm", kind, NORMS)
+    return NORMS[kind](epsilon=eps, dtype=options.dtype, name=name)
+
+
 def _dot_general(matmul_dtype: Optional[str]):
     return low_precision_dot_general(matmul_dtype) if matmul_dtype else None
 
@@ -149,6 +193,75 @@ def attention(num_heads: int, options: ExecutionOptions, name: str, out_features
     )
 
 
+def rotary_embedding(x: jax.Array, theta: float) -> jax.Array:
+    """Queries or keys [..., length, heads, head_width] rotated by their positions 0, 1, ... (RoPE).
+
+    Rotary position embeddings (Su et al. 2021, RoFormer, arXiv 2104.09864), in
+    the rotate-half layout of GPT-NeoX and Llama: feature pair
+    (i, i + head_width / 2) of position p turns by the angle
+    p * theta^(-2i / head_width), so that a query at position m and a key at
+    position n score by m - n alone: relative positions, without parameters.
+    Computed in float32, returned in x's dtype.
+    """
+    length, head_width = x.shape[-3], x.shape[-1]
+    if head_width % 2:
+        raise ValueError(f"rotary position embeddings need an even head width; got {head_width}")
+    half = head_width // 2
+    frequencies = theta ** (-2.0 * jnp.arange(half, dtype=jnp.float32) / head_width)
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * frequencies  # [length, half]
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]  # broadcast over the heads
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head dot-product attention with query-key normalisation and rotary positions, each optional.
+
+    `attention`'s `nn.MultiHeadDotProductAttention`, which the default blocks
+    keep, can normalise queries and keys only with a bias-free LayerNorm of
+    fixed epsilon, and has no place for a rotation between the projections and
+    the dot product. This module computes the same attention with the same
+    parameters ("query", "key", "value", "out"), plus:
+
+    - `qk_norm`: "layer" or "rms" normalises each head's queries and keys over
+      the head width before the dot product (parameters "query_norm" and
+      "key_norm", shared by the heads), which bounds the attention logits and
+      keeps training stable at high learning rates (Dehghani et al. 2023,
+      ViT-22B, arXiv 2302.05442; Henry et al. 2020); None: no normalisation;
+    - `rope_theta`: queries and keys rotated by their positions with this base
+      (`rotary_embedding`); None: no rotation.
+    """
+
+    num_heads: int
+    qk_norm: Optional[str] = None
+    rope_theta: Optional[float] = None
+    norm_eps: float = 1e-6
+    options: ExecutionOptions = ExecutionOptions()
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_kv, mask: Optional[jax.Array] = None):
+        width = inputs_q.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"the width {width} does not divide into num_heads={self.num_heads} heads")
+        dot_general = _dot_general(self.options.matmul_dtype)
+        project = functools.partial(
+            nn.DenseGeneral, (self.num_heads, width // self.num_heads), dtype=self.options.dtype,
+            dot_general=dot_general,
+            kernel_init=initializer(nn.linear.default_kernel_init, ("embed", "heads", "kv"), self.options.logical_axes))
+        query, key = project(name="query")(inputs_q), project(name="key")(inputs_kv)
+        value = project(name="value")(inputs_kv)
+        if self.qk_norm:
+            query = normalization(self.qk_norm, self.norm_eps, self.options, "query_norm")(query)
+            key = normalization(self.qk_norm, self.norm_eps, self.options, "key_norm")(key)
+        if self.rope_theta is not None:
+            query, key = rotary_embedding(query, self.rope_theta), rotary_embedding(key, self.rope_theta)
+        x = nn.dot_product_attention(query, key, value, mask=mask, dtype=self.options.dtype)
+        return nn.DenseGeneral(
+            width, axis=(-2, -1), dtype=self.options.dtype, dot_general=dot_general, name="out",
+            kernel_init=initializer(nn.linear.default_kernel_init, ("heads", "kv", "embed"), self.options.logical_axes),
+        )(x)
+
+
 class MlpBlock(nn.Module):
     """Two dense layers with an activation between them."""
 
@@ -164,12 +277,37 @@ class MlpBlock(nn.Module):
         return dense(width, ("mlp", "embed"), self.options, "proj")(x)
 
 
+class GatedMlpBlock(nn.Module):
+    """A gated linear unit MLP, proj(activation(gate(x)) * up(x)) (Shazeer 2020, arXiv 2002.05202).
+
+    With `activation="silu"` it is SwiGLU (Llama's MLP), with "gelu" GEGLU.
+    Three matrices of `hidden_dim` columns where `MlpBlock` has two: an
+    `mlp_ratio` of 8/3 gives it the parameters of `MlpBlock` at 4.
+    """
+
+    hidden_dim: int
+    activation: str = "silu"
+    options: ExecutionOptions = ExecutionOptions()
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        gate = dense(self.hidden_dim, ("embed", "mlp"), self.options, "gate")(x)
+        up = dense(self.hidden_dim, ("embed", "mlp"), self.options, "up")(x)
+        return dense(width, ("mlp", "embed"), self.options, "proj")(ACTIVATIONS[self.activation](gate) * up)
+
+
+MLPS: dict[str, type[nn.Module]] = {"standard": MlpBlock, "gated": GatedMlpBlock}
+
+
 class EncoderBlock(nn.Module):
     """x + attention(norm(x)), then x + mlp(norm(x)).
 
     `cross_attention=True` makes it a decoder's cross-attention layer (Vaswani
     et al. 2017): the queries come from `x`, the keys and values from
-    `norm_kv(context)`, as in OpenCLIP's CoCa decoder.
+    `norm_kv(context)`, as in OpenCLIP's CoCa decoder. `norm`, `mlp`,
+    `qk_norm` and `rope_theta` are the options `Encoder` describes; with
+    `qk_norm` or `rope_theta` the attention is `Attention`, else Flax's.
     """
 
     num_heads: int
@@ -177,20 +315,35 @@ class EncoderBlock(nn.Module):
     activation: str = "gelu"
     norm_eps: float = 1e-6
     cross_attention: bool = False
+    norm: str = "layer"
+    mlp: str = "standard"
+    qk_norm: bool = False
+    rope_theta: Optional[float] = None
     options: ExecutionOptions = ExecutionOptions()
+
+    def _attention(self):
+        if not self.qk_norm and self.rope_theta is None:
+            return attention(self.num_heads, self.options, "attn")
+        if self.cross_attention and self.rope_theta is not None:
+            raise ValueError("rotary position embeddings are for self-attention; a cross-attention block's keys "
+                             "have no positions in the queries' sequence")
+        return Attention(self.num_heads, qk_norm=self.norm if self.qk_norm else None, rope_theta=self.rope_theta,
+                         norm_eps=self.norm_eps, options=self.options, name="attn")
 
     @nn.compact
     def __call__(self, x, mask: Optional[jax.Array] = None, context: Optional[jax.Array] = None):
         if self.cross_attention == (context is None):
             raise ValueError("a cross-attention block needs a context and a self-attention block takes none; "
                              f"got cross_attention={self.cross_attention} and context={context is not None}")
+        check_option("mlp", self.mlp, MLPS)
         width = x.shape[-1]
-        y = layer_norm(self.norm_eps, self.options, "ln_1")(x)
-        kv = layer_norm(self.norm_eps, self.options, "ln_1_kv")(context) if self.cross_attention else y
-        y = attention(self.num_heads, self.options, "attn")(y, kv, mask=mask)
+        y = normalization(self.norm, self.norm_eps, self.options, "ln_1")(x)
+        kv = normalization(self.norm, self.norm_eps, self.options, "ln_1_kv")(context) if self.cross_attention else y
+        y = self._attention()(y, kv, mask=mask)
         x = x + y
-        y = layer_norm(self.norm_eps, self.options, "ln_2")(x)
-        y = MlpBlock(int(width * self.mlp_ratio), activation=self.activation, options=self.options, name="mlp")(y)
+        y = normalization(self.norm, self.norm_eps, self.options, "ln_2")(x)
+        y = MLPS[self.mlp](int(width * self.mlp_ratio), activation=self.activation, options=self.options,
+                           name="mlp")(y)
         return x + y
 
 
@@ -201,6 +354,16 @@ class Encoder(nn.Module):
     instead of storing them (gradient checkpointing, Chen et al. 2016):
     activation memory of one block instead of `depth`, for about a third more
     compute.
+
+    The options of more recent language models, off by default:
+
+    - `norm`: "layer" (`LayerNorm`) or "rms" (`RMSNorm`), the blocks' norms;
+    - `mlp`: "standard" (`MlpBlock`) or "gated" (`GatedMlpBlock`: SwiGLU with
+      `activation="silu"`), of hidden width `mlp_ratio` * width either way;
+    - `qk_norm`: normalise each head's queries and keys with `norm` before the
+      dot product (`Attention`);
+    - `rope_theta`: rotary position embeddings with this base in every
+      attention layer (`rotary_embedding`); None: none.
     """
 
     depth: int
@@ -208,6 +371,10 @@ class Encoder(nn.Module):
     mlp_ratio: float = 4.0
     activation: str = "gelu"
     norm_eps: float = 1e-6
+    norm: str = "layer"
+    mlp: str = "standard"
+    qk_norm: bool = False
+    rope_theta: Optional[float] = None
     options: ExecutionOptions = ExecutionOptions()
 
     @nn.compact
@@ -216,5 +383,6 @@ class Encoder(nn.Module):
         block = nn.remat(EncoderBlock) if self.options.remat else EncoderBlock
         for i in range(self.depth):
             x = block(self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation, norm_eps=self.norm_eps,
+                      norm=self.norm, mlp=self.mlp, qk_norm=self.qk_norm, rope_theta=self.rope_theta,
                       options=self.options, name=f"block_{i}")(x, mask)
         return x

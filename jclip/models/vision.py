@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from jclip.models.execution import ExecutionOptions
 from jclip.models.partitioning import initializer
-from jclip.models.transformer import Encoder, MlpBlock, attention, dense, layer_norm
+from jclip.models.transformer import Encoder, MlpBlock, attention, dense, normalization
 
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "embed")
 
@@ -41,13 +41,15 @@ class MAPHead(nn.Module):
     """Multihead attention pooling (Lee et al. 2019, Set Transformer; used by SigLIP).
 
     One learned query attends over the tokens, followed by a residual MLP:
-    `z = attn(latent, x); z + mlp(norm(z))`, as timm's `AttentionPoolLatent`.
+    `z = attn(latent, x); z + mlp(norm(z))`, as timm's `AttentionPoolLatent`
+    (`norm`: "layer" or "rms", the tower's norm kind).
     """
 
     num_heads: int
     mlp_ratio: float = 4.0
     activation: str = "gelu"
     norm_eps: float = 1e-6
+    norm: str = "layer"
     options: ExecutionOptions = ExecutionOptions()
 
     @nn.compact
@@ -57,7 +59,7 @@ class MAPHead(nn.Module):
                                                   self.options.logical_axes), (1, 1, width))
         query = jnp.broadcast_to(latent, (batch, 1, width)).astype(x.dtype)
         z = attention(self.num_heads, self.options, "attn")(query, x)
-        y = layer_norm(self.norm_eps, self.options, "ln")(z)
+        y = normalization(self.norm, self.norm_eps, self.options, "ln")(z)
         z = z + MlpBlock(int(width * self.mlp_ratio), activation=self.activation, options=self.options,
                          name="mlp")(y)
         return z[:, 0]
@@ -95,6 +97,11 @@ class VisionTransformer(nn.Module):
     - `patch_dropout`: the fraction of patch tokens dropped at random when
       called with `train=True` (FLIP, Li et al. 2023); needs an rng named
       "patch_dropout".
+    - `num_registers`: learned register tokens appended after the patch
+      tokens for the encoder and dropped after it (`_encode`).
+    - `norm`, `mlp`, `qk_norm`: the transformer's options (`Encoder`); `norm`
+      ("layer" or "rms") is that of every norm of the tower, `mlp` ("standard"
+      or "gated") that of the encoder blocks.
     - `options`: how the layers run, set by the model (`ExecutionOptions`).
     """
 
@@ -113,6 +120,10 @@ class VisionTransformer(nn.Module):
     projection: bool = True
     norm_eps: float = 1e-6
     patch_dropout: float = 0.0
+    num_registers: int = 0
+    norm: str = "layer"
+    mlp: str = "standard"
+    qk_norm: bool = False
     options: ExecutionOptions = ExecutionOptions()
 
     def _check(self, images):
@@ -126,6 +137,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"projection=False needs embed_dim == width; got {self.embed_dim} and {self.width}")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"patch_dropout must be in [0, 1); got {self.patch_dropout}")
+        if self.num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0; got {self.num_registers}")
 
     def _stem(self, x):
         if self.stem == "patch":
@@ -152,6 +165,31 @@ class VisionTransformer(nn.Module):
         patches = jnp.take_along_axis(patches, kept[:, :, None], axis=1)
         return jnp.concatenate([prefix, patches], axis=1)
 
+    def _encode(self, x):
+        """Tokens [B, N, width] -> the encoder's outputs at those N tokens (through `ln_pre` first).
+
+        With `num_registers`, that many learned tokens join the sequence for
+        the encoder, after the others and without position embeddings, and
+        leave it before pooling: registers (Darcet et al. 2024, "Vision
+        Transformers Need Registers", arXiv 2309.16588) give the attention a
+        place to keep global information other than low-information patch
+        tokens, which otherwise take on that role and show up as artefacts in
+        the attention maps.
+        """
+        batch, count, _ = x.shape
+        if self.num_registers:
+            registers = self.param("registers", initializer(nn.initializers.normal(self.width**-0.5),
+                                                            (None, "seq", "embed"), self.options.logical_axes),
+                                   (1, self.num_registers, self.width))
+            registers = jnp.broadcast_to(registers, (batch, self.num_registers, self.width)).astype(x.dtype)
+            x = jnp.concatenate([x, registers], axis=1)
+        if self.ln_pre:
+            x = normalization(self.norm, self.norm_eps, self.options, "ln_pre")(x)
+        x = Encoder(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
+                    norm_eps=self.norm_eps, norm=self.norm, mlp=self.mlp, qk_norm=self.qk_norm, options=self.options,
+                    name="encoder")(x)
+        return x[:, :count] if self.num_registers else x
+
     @nn.compact
     def __call__(self, images, train: bool = False):
         self._check(images)
@@ -174,17 +212,14 @@ class VisionTransformer(nn.Module):
         x = x + pos.astype(x.dtype)
         if train and self.patch_dropout > 0:
             x = self._drop_patches(x, num_prefix)
-        if self.ln_pre:
-            x = layer_norm(self.norm_eps, self.options, "ln_pre")(x)
-        x = Encoder(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
-                    norm_eps=self.norm_eps, options=self.options, name="encoder")(x)
+        x = self._encode(x)
         if self.pool == "map":
-            x = layer_norm(self.norm_eps, self.options, "ln_post")(x)
+            x = normalization(self.norm, self.norm_eps, self.options, "ln_post")(x)
             x = MAPHead(self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation, norm_eps=self.norm_eps,
-                        options=self.options, name="map_head")(x)
+                        norm=self.norm, options=self.options, name="map_head")(x)
         else:
             x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
-            x = layer_norm(self.norm_eps, self.options, "ln_post")(x)
+            x = normalization(self.norm, self.norm_eps, self.options, "ln_post")(x)
         if not self.projection:
             return x
         return dense(self.embed_dim, ("embed", "proj"), self.options, "proj", use_bias=False)(x)
