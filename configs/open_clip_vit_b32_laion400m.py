@@ -97,6 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = float("inf")  # OpenCLIP clips no gradients by default
     config.optimizer.frozen = ()
     config.optimizer.lr_multipliers = {}
+    config.optimizer.layer_decay = placeholder(float)  # e.g. 0.75: layer-wise rate decay in each tower; None: off
     config.optimizer.skip_nonfinite = False
 
     config.log_every = 100

@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.ema_decay = 0.0  # >0: keep an EMA of the params (e.g. 0.999); evaluations then use it
     config.total_steps = 1000
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.name = "adamw"  # or "lamb", "adafactor"
+    config.optimizer.name = "adamw"  # or "lamb", "adafactor", "muon"
     config.optimizer.schedule = "cosine"  # after linear warm-up; or "linear", "rsqrt", "constant"
     config.optimizer.learning_rate = 2e-3
     config.optimizer.end_learning_rate = 1e-5
@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = 1.0
     config.optimizer.frozen = ()  # parameter groups to lock, e.g. ("image_tower",) for LiT
     config.optimizer.lr_multipliers = {}  # e.g. {"text_tower": 0.1}
+    config.optimizer.layer_decay = placeholder(float)  # e.g. 0.75: layer-wise rate decay in each tower; None: off
     config.optimizer.skip_nonfinite = False  # True: skip updates with non-finite gradients instead of stopping
 
     config.log_every = 50

@@ -112,6 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = 1.0
     config.optimizer.frozen = ()
     config.optimizer.lr_multipliers = {}
+    config.optimizer.layer_decay = placeholder(float)  # e.g. 0.75: layer-wise rate decay in each tower; None: off
     config.optimizer.skip_nonfinite = False
 
     config.log_every = 100

@@ -64,13 +64,14 @@ def test_gradient_caching_equals_the_full_batch_gradient():
 
 
 def test_weight_decay_skips_biases_norms_scale_and_position_embeddings():
-    model = models.create("test-micro")
+    model = models.create("test-micro", vision={"num_registers": 2})
     batch = random_batch(2)
     params = model.init(jax.random.key(0), batch["image"], batch["tokens"])["params"]
     mask = weight_decay_mask(params)
     assert mask["image_tower"]["proj"]["kernel"] and mask["text_tower"]["token_embedding"]["embedding"]
     assert not mask["logit_scale"] and not mask["image_tower"]["pos_embedding"]
     assert not mask["image_tower"]["cls_token"] and not mask["text_tower"]["ln_final"]["scale"]
+    assert not mask["image_tower"]["registers"]
 
 
 def test_short_run_lowers_loss_and_evaluates(tiny_config, tmp_path):

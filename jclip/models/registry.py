@@ -46,14 +46,13 @@ def _openai_resnet(embed_dim, layers, text_width, text_heads):
 def _siglip(patch_size, width, depth, heads, image_size, vocab_size, mlp_ratio=4.0, text_activation="gelu"):
     """A SigLIP model as OpenCLIP builds it from timm's ViT of that shape, with towers of equal width and
     depth and a 64-token text tower."""
-    shape = {"mlp_ratio": mlp_ratio} if mlp_ratio != 4.0 else {}  # the defaults left out, as configs saved before
-    activation = {"activation": text_activation} if text_activation != "gelu" else {}
     return dict(
         embed_dim=width,
-        vision=dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth, num_heads=heads, **shape,
-                    pool="map", patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6),
-        text=dict(vocab_size=vocab_size, context_length=64, width=width, depth=depth, num_heads=heads, **shape,
-                  **activation, causal=False, pool="last", proj_bias=True, norm_eps=1e-6),
+        vision=dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth, num_heads=heads,
+                    mlp_ratio=mlp_ratio, pool="map", patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6),
+        text=dict(vocab_size=vocab_size, context_length=64, width=width, depth=depth, num_heads=heads,
+                  mlp_ratio=mlp_ratio, activation=text_activation, causal=False, pool="last", proj_bias=True,
+                  norm_eps=1e-6),
         init_scale=10.0,
         init_bias=-10.0,
         max_scale=None,
@@ -127,6 +126,12 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
 # checkpoints of one architecture match whatever their values (`architecture_differences`).
 EXECUTION_DEFAULTS = {"dtype": "float32", "matmul_dtype": "float32", "remat": False}
 VISION_EXECUTION_DEFAULTS = {"patch_dropout": 0.0}
+# Tower options spelled out with their defaults in every configuration whose tower has them, so that a command
+# line can set them (`--config.model.text.position=rope`): the MLP's shape and activation and the layer options
+# of recent models (register tokens, RMSNorm, gated MLPs, qk-norm, rotary positions). A configuration saved
+# before they were spelled out leaves them out, which means their defaults (`architecture_differences`).
+SPELLED_OUT_TOWER_OPTIONS = ("mlp_ratio", "activation", "num_registers", "norm", "mlp", "qk_norm", "position",
+                             "rope_theta")
 
 
 def list_models() -> list[str]:
@@ -164,6 +169,9 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     config.update({key: value for key, value in EXECUTION_DEFAULTS.items() if key in top_level})
     vision_options = _tower_options(_tower_classes(config)["vision"])
     config["vision"].update({key: value for key, value in VISION_EXECUTION_DEFAULTS.items() if key in vision_options})
+    for tower, cls in _tower_classes(config).items():
+        for key, value in _spelled_out_defaults(cls).items():
+            config[tower].setdefault(key, value)
     for key, value in overrides.items():
         if key in ("vision", "text", "decoder") and key in config:
             config[key].update(value)
@@ -180,13 +188,18 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def architecture_differences(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
-    """`config_differences` in what the models compute, leaving out how (the execution options, whose
-    defaults an older configuration may not spell out)."""
+    """`config_differences` in what the models compute, leaving out how (the execution options) and the
+    layer options left off (both of whose defaults an older configuration may not spell out)."""
     def architecture(config):
         if not isinstance(config, dict):
             return config
-        vision = {k: v for k, v in config.get("vision", {}).items() if k not in VISION_EXECUTION_DEFAULTS}
-        return {**{k: v for k, v in config.items() if k not in EXECUTION_DEFAULTS}, "vision": vision}
+
+        towers = {}
+        for tower, cls in _tower_classes(config).items():
+            defaults = {**_spelled_out_defaults(cls), **VISION_EXECUTION_DEFAULTS}
+            towers[tower] = {k: v for k, v in config[tower].items() if k not in defaults or
+                             (k not in VISION_EXECUTION_DEFAULTS and v != defaults[k])}
+        return {**{k: v for k, v in config.items() if k not in EXECUTION_DEFAULTS}, **towers}
     return config_differences(architecture(a), architecture(b))
 
 
@@ -202,6 +215,11 @@ def create(name: str, **overrides: Any) -> nn.Module:
     """The CLIP (or CoCa) module of model `name` (see `list_models`), with `overrides` applied."""
     config = model_config(name, **overrides)
     return model_class(config)(**config)
+
+
+def _spelled_out_defaults(cls: type[nn.Module]) -> dict[str, Any]:
+    """The `SPELLED_OUT_TOWER_OPTIONS` that tower `cls` takes, with its defaults."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.name in SPELLED_OUT_TOWER_OPTIONS}
 
 
 def _top_level_options(cls: type[nn.Module]) -> tuple[str, ...]:
