@@ -39,6 +39,7 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from jclip import models
 from jclip.data import shapes
 from loss_effects import geometry, load_config, test_embeddings
 
@@ -84,6 +85,8 @@ def planned_runs(args) -> list[Run]:
 def configure(run: Run, args):
     steps = max(1, args.examples // run.batch)
     config = load_config(steps, args.shapes_config)
+    if args.model != config.model_name:
+        config.model_name, config.model = args.model, ConfigDict(models.model_config(args.model))
     config.seed = run.seed
     config.batch_size = run.batch
     config.optimizer.warmup_steps = max(1, steps // 10)
@@ -111,7 +114,6 @@ def tolerance(zimg: np.ndarray, data: dict) -> float:
 
 def train_and_measure(run: Run, args) -> None:
     """The subprocess's work: train one run (resuming), measure it, write its sweep_result.json."""
-    from jclip import models
     from jclip.host_memory import reuse_freed_memory
     from jclip.train.loop import evaluation_params, train
 
@@ -141,7 +143,7 @@ def train_and_measure(run: Run, args) -> None:
 
 def setting(args) -> dict:
     """What every run of a sweep shares besides its `Run` fields; a workdir holds runs of one setting."""
-    return {"examples": args.examples, "shapes_config": args.shapes_config}
+    return {"examples": args.examples, "shapes_config": args.shapes_config, "model": args.model}
 
 
 def result_path(run: Run, args) -> str:
@@ -180,7 +182,8 @@ def run_all(runs: list[Run], args) -> None:
 
 
 def forwarded_arguments(args) -> list[str]:
-    return ["--examples", str(args.examples), "--shapes-config", args.shapes_config, "--workdir", args.workdir]
+    return ["--examples", str(args.examples), "--shapes-config", args.shapes_config, "--model", args.model,
+            "--workdir", args.workdir]
 
 
 def mean_and_error(values: list[float]) -> tuple[float, float, int]:
@@ -378,6 +381,7 @@ def main():
                         help="the fixed τ of dcl and its clip baseline (with a learned one dcl's scale runs away)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (small batches use one core)")
     parser.add_argument("--shapes-config", default="default", help="the shapes dataset (tiny: a quick check)")
+    parser.add_argument("--model", default="shapes-tiny", help="the model (the demo's; test-micro: a quick check)")
     parser.add_argument("--workdir", default="runs/loss_sweeps")
     parser.add_argument("--one-run", help=argparse.SUPPRESS)  # a subprocess's single run, as JSON
     args = parser.parse_args()

@@ -23,7 +23,7 @@ def sweep(workdir, data_dir):
         [sys.executable, "benchmarks/loss_sweeps.py", "--claims", "dcl,temperature", "--seeds", "1",
          "--examples", "16", "--batches", "8", "--temperatures", "0.1", "--temperature-batch", "8",
          "--dcl-temperature", "0.1",
-         "--parallel", "3", "--shapes-config", "tiny", "--workdir", str(workdir)],
+         "--parallel", "3", "--shapes-config", "tiny", "--model", "test-micro", "--workdir", str(workdir)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return completed.stdout
@@ -41,9 +41,9 @@ def test_the_smallest_sweep_writes_its_tables_and_figures_and_a_second_call_reus
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"dcl.png", "temperature.png"}
     fixed = json.loads((tmp_path / "clip_tau0.1_batch8_seed0" / "sweep_result.json").read_text())
     assert abs(fixed["result"]["scale"] - 10.0) < 1e-4  # optimizer.frozen kept the scale at 1/τ
-    assert fixed["setting"] == {"examples": 16, "shapes_config": "tiny"}
+    assert fixed["setting"] == {"examples": 16, "shapes_config": "tiny", "model": "test-micro"}
 
-    other = loss_sweeps.argparse.Namespace(workdir=str(tmp_path), examples=24, shapes_config="tiny")
+    other = loss_sweeps.argparse.Namespace(workdir=str(tmp_path), examples=24, shapes_config="tiny", model="test-micro")
     with pytest.raises(SystemExit, match=r"was trained with \{'examples': 16, .* use another --workdir"):
         loss_sweeps.collect(loss_sweeps.planned_runs(loss_sweeps.argparse.Namespace(
             claims=["dcl"], seeds=1, batches=[8], dcl_temperature=0.1)), other)

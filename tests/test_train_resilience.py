@@ -118,7 +118,7 @@ def test_time_based_and_kept_checkpoints_and_logged_metrics(tiny_config, csv_fil
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
 
 
-def test_five_hard_kills_at_random_moments_end_as_an_uninterrupted_run(shapes_data_dir, tmp_path):
+def test_hard_kills_at_each_moment_end_as_an_uninterrupted_run(shapes_data_dir, tmp_path):
     """SIGKILL during steps, during an asynchronous save and during an evaluation, restarted each time
     (benchmarks/kill_soak.py; `--kills 10` there for the report)."""
     import importlib.util
@@ -128,9 +128,8 @@ def test_five_hard_kills_at_random_moments_end_as_an_uninterrupted_run(shapes_da
     spec.loader.exec_module(kill_soak)
     MOMENTS, soak = kill_soak.MOMENTS, kill_soak.soak
 
-    result = soak(str(tmp_path), kills=5, seed=0, data_dir=shapes_data_dir)
-    assert [kill["moment"] for kill in result["kills"]].count("save") >= 1 and len(result["kills"]) == 5
-    assert {kill["moment"] for kill in result["kills"]} == set(MOMENTS)
+    result = soak(str(tmp_path), kills=3, seed=0, data_dir=shapes_data_dir)
+    assert sorted(kill["moment"] for kill in result["kills"]) == sorted(MOMENTS)  # each moment once
     assert any(kill["logged_step"] > kill["committed_after"] for kill in result["kills"])  # steps were lost, redone
     assert result["equal"]
 

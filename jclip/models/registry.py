@@ -195,7 +195,7 @@ def architecture_differences(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
             return config
 
         towers = {}
-        for tower, cls in _tower_classes(config).items():
+        for tower, cls in (_tower_classes(config).items() if "vision" in config else ()):
             defaults = {**_spelled_out_defaults(cls), **VISION_EXECUTION_DEFAULTS}
             towers[tower] = {k: v for k, v in config[tower].items() if k not in defaults or
                              (k not in VISION_EXECUTION_DEFAULTS and v != defaults[k])}
