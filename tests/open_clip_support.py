@@ -29,9 +29,10 @@ def assert_parity(got, want, what: str):
     assert error < PARITY, f"{what}: relative error {error:.2e} against OpenCLIP exceeds {PARITY:.0e}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=2)
 def random_open_clip(name):
-    """OpenCLIP's model `name` with random weights and batch-norm statistics (built once per session)."""
+    """OpenCLIP's model `name` with random weights and batch-norm statistics. The last two built are kept for
+    the tests that follow (a few seconds each to build; all of them kept took a worker past 12 GB)."""
     torch, open_clip = import_open_clip()
     torch.manual_seed(0)
     model = open_clip.create_model(name, pretrained=None).eval()
