@@ -30,7 +30,7 @@ from jclip.checkpoint import load_model, locate, read_record, run_config
 from jclip.convert.open_clip import data_settings, from_open_clip
 from jclip.convert.state_dict_files import load_state_dict
 from jclip.data import preprocess as preprocess_ops
-from jclip.data import prompts
+from jclip.data import naflex, prompts
 from jclip.data.tokenizers import load_tokenizer
 from jclip.evaluate.classification import zero_shot_classifier
 from jclip.evaluate.from_checkpoint import evaluation_preprocess
@@ -61,7 +61,7 @@ class ImagePreprocess:
             with open(image, "rb") as f:
                 data = f.read()
             try:
-                return self._from_bytes(tf.constant(data)).numpy()
+                return _numpy(self._from_bytes(tf.constant(data)))
             except tf.errors.InvalidArgumentError:
                 raise ValueError(f"{image} cannot be decoded as an image (PNG, JPEG, GIF or BMP)") from None
         if isinstance(image, Image.Image):
@@ -69,7 +69,12 @@ class ImagePreprocess:
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"an image array must be uint8 [height, width, 3]; got {image.dtype} {image.shape}")
-        return self._from_pixels(tf.constant(image)).numpy()
+        return _numpy(self._from_pixels(tf.constant(image)))
+
+
+def _numpy(model_input):
+    """A preprocessed image (a tensor, or a NaFlex patch input's dict of tensors) as NumPy."""
+    return tf.nest.map_structure(lambda tensor: tensor.numpy(), model_input)
 
 
 @dataclasses.dataclass
@@ -126,8 +131,8 @@ class LoadedModel:
         devices = self.mesh.devices.size
         outputs = []
         for batch in batches:
-            rows = len(batch)
-            padded = np.concatenate([batch, np.zeros((-rows % devices, *batch.shape[1:]), batch.dtype)])
+            rows = naflex.row_count(batch)
+            padded = naflex.pad_rows(batch, rows + -rows % devices)
             embeddings = encode(self.params, jax.device_put(padded, self._batch_sharding))
             outputs.append(np.asarray(jax.device_get(embeddings))[:rows])
         if not outputs:
@@ -142,7 +147,7 @@ class LoadedModel:
 
         def batches():
             while chunk := list(itertools.islice(iterator, self.batch_size)):
-                yield np.stack([self.preprocess(image) for image in chunk])
+                yield naflex.stack([self.preprocess(image) for image in chunk])
         return self._encode(self._encode_image, batches())
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -183,11 +188,12 @@ def _local_mesh() -> Mesh:
 
 
 def load(path: Union[str, os.PathLike], model: Optional[str] = None, *, step: Optional[int] = None,
-         tokenizer: Optional[str] = None, batch_size: int = 256) -> LoadedModel:
+         tokenizer: Optional[str] = None, batch_size: int = 256, max_patches: Optional[int] = None) -> LoadedModel:
     """The model at `path`: a run directory (its latest checkpoint, or `step`), a `RUN/checkpoints/STEP`
     directory, a converted checkpoint, or an OpenAI / OpenCLIP weight file (.safetensors, .pt, .bin) of
     the jclip model `model` (converted in memory, nothing written). `tokenizer` replaces the model's
-    (a `config.data.tokenizer` name); `batch_size` is how many images or texts are embedded at once."""
+    (a `config.data.tokenizer` name); `batch_size` is how many images or texts are embedded at once;
+    `max_patches` is the token budget a NaFlex model embeds images at (default: the one it trained with)."""
     path = os.fspath(path)
     mesh = _local_mesh()
     if os.path.isfile(path):
@@ -210,6 +216,9 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None, *, step: Op
         model = model or config.get("model_name")
     else:
         raise FileNotFoundError(f"no run, checkpoint or weight file at {path}")
+    if max_patches:
+        config = ConfigDict(config.to_dict())
+        config.evaluate.max_patches = max_patches
     return LoadedModel(model, config, module, params, loaded_tokenizer, ImagePreprocess(evaluation_preprocess(config)),
                        mesh, batch_size)
 

@@ -61,9 +61,10 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "config.batch_size
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's slice of a batch -> global arrays sharded over `data`."""
+    """This process's slice of a batch (a dict of arrays, or of dicts of arrays: a NaFlex patch input) -> global
+    arrays sharded over `data`."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), dict(local))
 
 
 def process_zero_decides(flag: bool) -> bool:

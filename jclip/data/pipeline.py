@@ -105,8 +105,8 @@ def _usable(prepared: tf.data.Dataset, limit: int) -> tf.data.Dataset:
     and a fifth marker in a row is the error.
     """
     every = -(-limit // 4)
-    marker = {key: tf.zeros([size or 1 for size in spec.shape], spec.dtype)
-              for key, spec in prepared.element_spec.items()}
+    marker = tf.nest.map_structure(lambda spec: tf.zeros([size or 1 for size in spec.shape], spec.dtype),
+                                   prepared.element_spec)
     markers = tf.data.Dataset.from_tensors({**marker, "index": tf.constant(-1, tf.int64)}).repeat()
     choices = (tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat(every)
                .concatenate(tf.data.Dataset.from_tensors(tf.constant(1, tf.int64))).repeat())
@@ -271,7 +271,8 @@ class TrainInput:
 
 
 def load_split(builder: tfds.core.DatasetBuilder, split: str, image_preprocess: str) -> dict[str, np.ndarray]:
-    """A whole evaluation split as NumPy arrays: preprocessed images, captions as str, the other features."""
+    """A whole evaluation split as NumPy arrays: preprocessed images (or NaFlex patch inputs), captions as str,
+    the other features."""
     image_op = preprocess.parse(image_preprocess)
     dataset = builder.as_dataset(
         split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
@@ -282,6 +283,6 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str, image_preprocess: 
     for example in dataset.batch(1024).with_options(input_options()).as_numpy_iterator():
         for key, value in example.items():
             columns.setdefault(key, []).append(value)
-    arrays = {key: np.concatenate(value) for key, value in columns.items()}
+    arrays = {key: jax.tree.map(lambda *parts: np.concatenate(parts), *value) for key, value in columns.items()}
     arrays["caption"] = np.array([c.decode("utf-8") for c in arrays["caption"]])
     return arrays

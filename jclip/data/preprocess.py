@@ -13,15 +13,21 @@ Resizes are bilinear and antialiased (TensorFlow's) by default; `"bicubic"` is
 PIL's bicubic resize of uint8 images, which torchvision, and so OpenCLIP, applies
 to PIL images. `resize_small` and `center_crop` round sizes and offsets as
 torchvision does, so a spec can reproduce OpenCLIP's transform exactly.
+
+`naflex(patch_size, max_patches)` ends the geometry of a NaFlex spec
+(`jclip.data.naflex`): it turns the image into a patch input, a dict of padded
+patches and their grid, whose patches the per-pixel ops after it map.
 """
 
 import ast
 import re
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image
+
+from jclip.data import naflex
 
 # OpenAI CLIP's per-channel image statistics (on [0, 1] values).
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -108,6 +114,12 @@ def _inception_crop(size, min_scale=0.08, max_scale=1.0):
     return op
 
 
+def _naflex(patch_size, max_patches, method="bilinear"):
+    _check_method(method)
+    return lambda image, seed: naflex.patchify(image, patch_size, max_patches,
+                                               lambda image, target: _resized(image, target, method))
+
+
 def _flip_lr(image, seed):
     return tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
 
@@ -123,7 +135,7 @@ class PerPixelOp:
         self.values = values
 
     def __call__(self, image, seed):
-        return self.values(tf.cast(image, tf.float32))
+        return naflex.map_patches(image, lambda pixels: self.values(tf.cast(pixels, tf.float32)))
 
 
 def _value_range(low, high):
@@ -143,6 +155,7 @@ OPS: dict[str, Callable] = {
     "center_crop": _center_crop,
     "inception_crop": _inception_crop,
     "flip_lr": lambda: _flip_lr,
+    "naflex": _naflex,
     "value_range": _value_range,
     "clip_normalize": lambda: _clip_normalize,
 }
@@ -194,13 +207,51 @@ def evaluation_spec(image_size: int, training_spec: str) -> str:
     """The evaluation preprocessing of a model trained with `training_spec` on `image_size` images: decode,
     bring the image to `image_size` as training did, then the training spec's value range or normalisation
     (its trailing per-pixel ops), so evaluation feeds the inputs training did. A training spec that squashes
-    images to the square (`resize`, as big_vision's SigLIP recipes) is followed by a squash; any other
-    (crops, or none) by a resize of the shorter side and a centre crop (OpenCLIP's evaluation transform)."""
+    images to the square (`resize`, as big_vision's SigLIP recipes) is followed by a squash; a NaFlex one by
+    its `naflex` op (whole images, at their aspect ratio, in its token budget); any other (crops, or none) by a
+    resize of the shorter side and a centre crop (OpenCLIP's evaluation transform)."""
     parts = [part.strip() for part in training_spec.split("|")]
     value_ops = parts[len(parts) - len(stages(training_spec)[2]):]
-    squashes = any(name == "resize" for name, _ in parse_ops(training_spec))
-    geometry = [f"resize({image_size})"] if squashes else [f"resize_small({image_size})", f"center_crop({image_size})"]
+    names = [name for name, _ in parse_ops(training_spec)]
+    if "naflex" in names:
+        geometry = [parts[names.index("naflex")]]
+    elif "resize" in names:
+        geometry = [f"resize({image_size})"]
+    else:
+        geometry = [f"resize_small({image_size})", f"center_crop({image_size})"]
     return "|".join(["decode", *geometry, *value_ops])
+
+
+def naflex_budget(spec: str) -> Optional[tuple[int, int]]:
+    """(patch_size, max_patches) of the `naflex` op of `spec`; None: `spec` makes images, not patch inputs."""
+    parse_ops(spec)  # a clear error for a bad spec
+    for part in spec.split("|"):
+        name, arguments = _OP_PATTERN.match(part).groups()
+        if name == "naflex":
+            patch_size, max_patches = ast.literal_eval(f"({arguments},)")[:2]
+            return patch_size, max_patches
+    return None
+
+
+def with_max_patches(spec: str, max_patches: int) -> str:
+    """`spec` with its `naflex` op's token budget set to `max_patches` (evaluating a NaFlex model at another
+    sequence length); an error for a spec without one."""
+    budget = naflex_budget(spec)
+    if budget is None:
+        raise ValueError(f"max_patches is for NaFlex models, whose preprocessing has a naflex op; {spec!r} has none")
+    parts = [part.strip() for part in spec.split("|")]
+    index = next(i for i, part in enumerate(parts) if _OP_PATTERN.match(part).group(1) == "naflex")
+    arguments = list(ast.literal_eval(f"({_OP_PATTERN.match(parts[index]).group(2)},)"))
+    arguments[1] = max_patches
+    parts[index] = f"naflex({', '.join(map(repr, arguments))})"
+    return "|".join(parts)
+
+
+def example_input(spec: str, image_size: int) -> Any:
+    """One zero model input of what `spec` makes, as evaluation feeds it: a float32 image
+    [image_size, image_size, 3], or for a NaFlex spec an all-padding patch input."""
+    budget = naflex_budget(spec)
+    return naflex.example(*budget) if budget else np.zeros((image_size, image_size, 3), np.float32)
 
 
 def stages(spec: str) -> tuple[Ops, Ops, Ops]:
@@ -233,7 +284,7 @@ def batch_op(spec: str) -> Callable:
 
     def apply(images):
         for op in ops:
-            images = op.values(images.astype(np.float32))
+            images = naflex.map_patches(images, lambda pixels: op.values(pixels.astype(np.float32)))
         return images
     return apply
 

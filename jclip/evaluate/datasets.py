@@ -1,6 +1,6 @@
 """Evaluation images: one process's slice of a dataset, decoded and preprocessed in batches."""
 
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -28,7 +28,7 @@ class LocalImages:
 
     def __init__(self, name: str, examples: tf.data.Dataset, count: int, image_preprocess: str,
                  fields: Optional[Callable[[dict], dict]] = None, skip_unreadable: bool = False):
-        self.name, self.count, self.skip_unreadable = name, count, skip_unreadable
+        self.name, self.count, self.skip_unreadable, self.spec = name, count, skip_unreadable, image_preprocess
         image_op = preprocess.parse(image_preprocess)
         pick = fields or (lambda example: {})
         self._paths = examples.map(lambda ex: ex["image_path"])  # to name the skipped files
@@ -42,7 +42,8 @@ class LocalImages:
         self.fields: dict[str, list] = {}
         self._indices: list[int] = []  # which of the `count` examples the batches yielded
 
-    def batches(self, size: int) -> Iterator[np.ndarray]:
+    def batches(self, size: int) -> Iterator[Any]:
+        """The preprocessed images in batches of at most `size` (arrays, or NaFlex patch inputs)."""
         self.fields, self._indices = {}, []
         # padded: a field may vary in length (several captions per image); strings pad with "".
         batches = self._examples.padded_batch(size).prefetch(1).with_options(pipeline.input_options()).as_numpy_iterator()

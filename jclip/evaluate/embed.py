@@ -10,7 +10,7 @@ device count, and with contiguous per-process slices not on the process count.
 """
 
 import math
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -18,17 +18,19 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jclip import parallel
+from jclip.data import naflex
 
 
-def embed_stream(encode: Callable, params, local_batches: Iterable[np.ndarray], local_count: int, batch_size: int,
-                 mesh: Mesh, example: np.ndarray) -> np.ndarray:
+def embed_stream(encode: Callable, params, local_batches: Iterable[Any], local_count: int, batch_size: int,
+                 mesh: Mesh, example: Any) -> np.ndarray:
     """`encode(params, batch)` of this process's examples and every other process's.
 
     `local_batches` yields this process's examples in chunks of at most
     `batch_size / process_count` rows, at most `local_count` of them (fewer when it
     skips some, e.g. unreadable images; a stream that must yield exactly
     `local_count` checks that itself when it ends, as `LocalImages` does); `example`
-    is one zero example (shape and dtype of the padding). Returns [all examples,
+    is one zero example (shape and dtype of the padding). The examples are
+    arrays, or dicts of arrays (NaFlex patch inputs). Returns [all examples,
     dim], process 0's rows first.
     """
     parallel.check_batch_size(batch_size, mesh, what="config.evaluate.batch_size")
@@ -40,19 +42,22 @@ def embed_stream(encode: Callable, params, local_batches: Iterable[np.ndarray], 
     batches = iter(local_batches)
     outputs, keys = [], []
     position = 0
+    empty = jax.tree.map(lambda x: x[None][:0], example)
     for _ in range(steps):
-        chunk = np.asarray(next(batches, example[None][:0]) if position < local_count else example[None][:0])
-        if len(chunk) > local_size:
-            raise ValueError(f"a chunk of {len(chunk)} examples; at most {local_size} per process per batch")
-        if chunk.shape[1:] != example.shape:
-            raise ValueError(f"evaluation inputs have shape {chunk.shape[1:]} but the model takes {example.shape}; "
-                             "make the preprocessing resize images to config.data.image_size")
-        padded = np.concatenate([chunk, np.zeros((local_size - len(chunk), *example.shape), example.dtype)])
+        chunk = next(batches, empty) if position < local_count else empty
+        rows = naflex.row_count(chunk)
+        if rows > local_size:
+            raise ValueError(f"a chunk of {rows} examples; at most {local_size} per process per batch")
+        if _shapes(chunk, rows=True) != _shapes(example):
+            raise ValueError(f"evaluation inputs have shape {_shapes(chunk, rows=True)} but the model takes "
+                             f"{_shapes(example)}; make the preprocessing resize images to config.data.image_size "
+                             "(or, for a NaFlex model, keep its naflex op's patch size)")
+        padded = naflex.pad_rows(jax.tree.map(lambda x, like: np.asarray(x, like.dtype), chunk, example), local_size)
         # Which example each row is: (process, position), or position -1 for padding.
         key = np.stack([np.full(local_size, jax.process_index()),
-                        np.where(np.arange(local_size) < len(chunk), position + np.arange(local_size), -1)], 1)
-        position += len(chunk)
-        batch = jax.make_array_from_process_local_data(sharding, padded.astype(example.dtype))
+                        np.where(np.arange(local_size) < rows, position + np.arange(local_size), -1)], 1)
+        position += rows
+        batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), padded)
         global_keys = jax.make_array_from_process_local_data(sharding, key.astype(np.int32))
         embeddings = multihost_utils.process_allgather(encode(params, batch), tiled=True)
         global_keys = multihost_utils.process_allgather(global_keys, tiled=True)
@@ -60,12 +65,17 @@ def embed_stream(encode: Callable, params, local_batches: Iterable[np.ndarray], 
         outputs.append(np.asarray(embeddings)[real])
         keys.append(np.asarray(global_keys)[real])
     rest = next(batches, None)  # the stream ends here (and checks what it yielded)
-    if position > local_count or (rest is not None and len(rest)):
+    if position > local_count or (rest is not None and naflex.row_count(rest)):
         raise ValueError(f"the evaluation data yielded more than the {local_count} examples expected")
     if not any(len(output) for output in outputs):
         raise ValueError("nothing to embed: the evaluation set is empty, or none of its images can be read")
     keys = np.concatenate(keys)
     return np.concatenate(outputs)[np.lexsort((keys[:, 1], keys[:, 0]))]
+
+
+def _shapes(inputs, rows: bool = False):
+    """The shapes of model inputs (an image array, or a patch input's arrays), without the rows axis if `rows`."""
+    return jax.tree.map(lambda x: tuple(np.shape(x)[1:] if rows else np.shape(x)), inputs)
 
 
 def process_slice(count: int) -> slice:
@@ -74,9 +84,12 @@ def process_slice(count: int) -> slice:
     return slice(count * index // processes, count * (index + 1) // processes)
 
 
-def embed_all(encode: Callable, params, inputs: np.ndarray, batch_size: int, mesh: Mesh) -> np.ndarray:
-    """`encode(params, batch)` of all `inputs` (held by every process), in their order, on every process."""
-    local = inputs[process_slice(len(inputs))]
-    local_size = batch_size // jax.process_count()
-    chunks = (local[start:start + local_size] for start in range(0, len(local), local_size))
-    return embed_stream(encode, params, chunks, len(local), batch_size, mesh, np.zeros_like(inputs[0]))
+def embed_all(encode: Callable, params, inputs: Any, batch_size: int, mesh: Mesh) -> np.ndarray:
+    """`encode(params, batch)` of all `inputs` (held by every process; arrays, or dicts of arrays), in their
+    order, on every process."""
+    rows = process_slice(naflex.row_count(inputs))
+    local = jax.tree.map(lambda x: x[rows], inputs)
+    count, local_size = naflex.row_count(local), batch_size // jax.process_count()
+    chunks = (jax.tree.map(lambda x: x[start:start + local_size], local) for start in range(0, count, local_size))
+    example = jax.tree.map(lambda x: np.zeros_like(x[0]), inputs)
+    return embed_stream(encode, params, chunks, count, batch_size, mesh, example)

@@ -19,10 +19,12 @@ from jclip.evaluate.tasks import Evaluator, run_tasks, select_tasks
 def evaluation_preprocess(config: ConfigDict) -> str:
     """The evaluation tasks' default preprocessing: `config.evaluate.preprocess` where set, else the model's,
     derived from the training data settings (`preprocess.evaluation_spec`; a run's saved config may predate
-    the field, and an evaluation-only config may have no training preprocessing)."""
-    if config.evaluate.get("preprocess"):
-        return config.evaluate.preprocess
-    return preprocess.evaluation_spec(config.data.image_size, config.data.get("preprocess") or "decode")
+    the field, and an evaluation-only config may have no training preprocessing). `config.evaluate.max_patches`,
+    where set, is the token budget a NaFlex model is evaluated at (`preprocess.with_max_patches`)."""
+    spec = config.evaluate.get("preprocess") or preprocess.evaluation_spec(config.data.image_size,
+                                                                           config.data.get("preprocess") or "decode")
+    max_patches = config.evaluate.get("max_patches")
+    return preprocess.with_max_patches(spec, max_patches) if max_patches else spec
 
 
 def make_evaluator(config: ConfigDict, model, params, tokenizer, mesh) -> Evaluator:

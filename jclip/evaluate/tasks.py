@@ -52,6 +52,7 @@ from jclip.data import prompts, shapes, sources
 from jclip.data.benchmark_shards import DatasetMissing
 from jclip.data.labelled_images import LabelledImages, read_labelled_images
 from jclip.data.negatives import KINDS
+from jclip.data.preprocess import example_input
 from jclip.evaluate import plots
 from jclip.evaluate.classification import (mean_per_class_recall, per_class_accuracy, top_k_accuracy,
                                            zero_shot_classifier)
@@ -91,7 +92,7 @@ class Evaluator:
         """[examples of all processes, dim] normalised image embeddings, process 0's first, on every process."""
         encode = lambda params, x: self.model.apply({"params": params}, x, method=self.model.encode_image)
         local_size = self.batch_size // jax.process_count()
-        example = np.zeros((self.image_size, self.image_size, 3), np.float32)
+        example = example_input(images.spec, self.image_size)
         return embed_stream(encode, self.params, images.batches(local_size), images.count, self.batch_size,
                             self.mesh, example)
 
@@ -387,9 +388,8 @@ def _task_images(kind: str, options: Mapping[str, Any],
 def check_task_inputs(tasks: Mapping[str, Mapping[str, Any]], image_size: int, preprocess: str,
                       data_dir: Optional[str] = None) -> None:
     """Stop with a clear message unless every task's data can be read and its preprocessing (the task's own,
-    or `preprocess`) makes `[image_size, image_size, 3]` images of it: one example of each image set goes
-    through the ops. The trainer checks this before its first step, not after the training."""
-    expected = (image_size, image_size, 3)
+    or `preprocess`) makes `[image_size, image_size, 3]` images (or the patch inputs of its naflex op) of it:
+    one example of each image set goes through the ops. The trainer checks this before its first step, not after the training."""
     for name, (kind, options) in select_tasks(tasks).items():
         arguments = inspect.signature(TASK_KINDS[kind]).bind(None, **options)
         arguments.apply_defaults()  # the task's own defaults (its split, its class names, ...)
@@ -401,9 +401,13 @@ def check_task_inputs(tasks: Mapping[str, Mapping[str, Any]], image_size: int, p
                 few = 16 if skip_unreadable else 1  # the first readable of a few, where the task skips unreadable ones
                 first = next(LocalImages(set_name, examples.take(few), few, spec, skip_unreadable=skip_unreadable)
                              .batches(1), None)
-                if first is not None and first.shape[1:] != expected:
+                if first is None:
+                    continue
+                shape = jax.tree.map(lambda x: x.shape[1:], first)
+                expected = jax.tree.map(lambda x: x.shape, example_input(spec, image_size))
+                if shape != expected:
                     raise ValueError(f"its preprocessing {spec!r} turns an image of {set_name} into shape "
-                                     f"{first.shape[1:]}, but the model takes {expected}; resize to "
+                                     f"{shape}, but the model takes {expected}; resize to "
                                      f"config.data.image_size={image_size} (resize_small and center_crop), or drop "
                                      "the task's own preprocess to use the model's evaluation preprocessing")
         except (ValueError, FileNotFoundError) as error:

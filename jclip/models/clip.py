@@ -1,7 +1,7 @@
 """The two-tower CLIP model: image and text towers, normalised embeddings, scale and bias."""
 
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -80,11 +80,14 @@ class CLIP(nn.Module):
             )
 
     def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """Images [B, H, W, 3] in the model's value range -> normalised [B, embed_dim] float32.
+        """Images [B, H, W, 3] in the model's value range, or a ViT's NaFlex patch input (`jclip.models.vision`)
+        -> normalised [B, embed_dim] float32.
 
         `train=True` applies a ViT's patch dropout (rng "patch_dropout"); the
         ResNet tower has no training-only behaviour.
         """
+        if isinstance(images, Mapping) and not isinstance(self.image_tower, VisionTransformer):
+            raise ValueError("patch inputs (NaFlex) need a ViT image tower; this model's is a ResNet")
         if isinstance(self.image_tower, VisionTransformer):
             features = self.image_tower(images, train=train)
         else:

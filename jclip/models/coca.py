@@ -9,7 +9,7 @@ predicts the next token. `generate` writes captions by greedy or beam search.
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -21,7 +21,7 @@ from jclip.models.execution import ExecutionOptions
 from jclip.models.partitioning import initializer
 from jclip.models.transformer import (Encoder, EncoderBlock, attention, check_activation, dense, layer_norm,
                                       normalization)
-from jclip.models.vision import VisionTransformer, resize_positions
+from jclip.models.vision import VisionTransformer
 
 
 class AttentionalPooler(nn.Module):
@@ -65,28 +65,16 @@ class CoCaVisionTower(VisionTransformer):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        self._check(images)
+        self._check()
+        if isinstance(images, Mapping):
+            raise ValueError("CoCa's image tower takes images [batch, height, width, 3], not patch inputs (NaFlex)")
         if self.pool != "cls" or not self.projection:
             raise ValueError(f"CoCa's image tower has a class token and a projection; leave pool and projection "
                              f"at their defaults, got pool={self.pool!r} and projection={self.projection}")
         if self.pooler_queries < 2:
             raise ValueError(f"pooler_queries must be >= 2 (1 contrastive + caption tokens); got {self.pooler_queries}")
-        x = self._stem(images.astype(self.options.dtype))
-        batch, height, width, _ = x.shape
-        x = x.reshape(batch, height * width, self.width)
-        cls = self.param("cls_token", initializer(nn.initializers.normal(self.width**-0.5), (None, "seq", "embed"),
-                                                  self.options.logical_axes), (1, 1, self.width))
-        x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
-        tokens = 1 + (self.image_size // self.patch_size) ** 2 if self.image_size else x.shape[1]
-        pos = self.param("pos_embedding", initializer(nn.initializers.normal(self.width**-0.5),
-                                                      (None, "seq", "embed"), self.options.logical_axes),
-                         (1, tokens, self.width))
-        if pos.shape[1] != x.shape[1]:
-            pos = resize_positions(pos, 1, (height, width))
-        x = x + pos.astype(x.dtype)
-        if train and self.patch_dropout > 0:
-            x = self._drop_patches(x, 1)
-        x = self._encode(x)
+        x, _ = self._tokens(images, train)
+        x = self._encode(x, None)
         x = AttentionalPooler(self.pooler_queries, self.embed_dim, self.pooler_heads, norm_eps=self.norm_eps,
                               norm=self.norm, options=self.options, name="pooler")(x)
         x = normalization(self.norm, self.norm_eps, self.options, "ln_post")(x)

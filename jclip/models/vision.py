@@ -1,6 +1,17 @@
-"""Vision Transformer image tower (Dosovitskiy et al. 2021), as used by CLIP and SigLIP."""
+"""Vision Transformer image tower (Dosovitskiy et al. 2021), as used by CLIP and SigLIP.
 
-from typing import Optional, Sequence
+The tower takes images `[B, H, W, 3]`, or NaFlex patch inputs (SigLIP 2,
+Tschannen et al. 2025, arXiv 2502.14786): a dict of `patches`
+`[B, N, patch_size, patch_size, 3]`, each image's patches in row-major order
+then zero padding, and `grid` int32 `[B, 2]`, each image's (rows, columns) of
+patches (`jclip.data.naflex` makes them). Each image then gets the position
+embeddings resized to its own grid, and its padding is masked out of attention
+and pooling, so an image's embedding does not depend on the padding, and a
+patch input of a whole image equals that image at fixed resolution.
+"""
+
+import math
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -11,6 +22,32 @@ from jclip.models.partitioning import initializer
 from jclip.models.transformer import Encoder, MlpBlock, attention, dense, normalization
 
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "embed")
+
+
+class PatchEmbedding(nn.Module):
+    """The patchify layer: a convolution of size and stride `patch_size` (the parameters of `nn.Conv`), of
+    images [B, H, W, 3] -> [B, H / patch_size, W / patch_size, width], or of NaFlex patches [B, N, patch_size,
+    patch_size, 3] -> [B, N, width] as the one matrix product per patch that it is."""
+
+    width: int
+    patch_size: int
+    use_bias: bool = False
+    options: ExecutionOptions = ExecutionOptions()
+
+    @nn.compact
+    def __call__(self, x):
+        kernel_init = initializer(nn.linear.default_kernel_init, CONV_AXES, self.options.logical_axes)
+        kernel = self.param("kernel", kernel_init, (self.patch_size, self.patch_size, x.shape[-1], self.width))
+        dtype = self.options.dtype
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        if x.ndim == 5:
+            y = jnp.einsum("bnhwc,hwcd->bnd", x, kernel)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (self.patch_size,) * 2, "VALID",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.width,)).astype(dtype)
+        return y
 
 
 class ConvStem(nn.Module):
@@ -37,6 +74,39 @@ class ConvStem(nn.Module):
         return nn.Conv(self.width, (1, 1), dtype=dtype, kernel_init=kernel_init, name="proj")(x)
 
 
+def resize_weights(source: int, sizes: jax.Array, length: int) -> jax.Array:
+    """[B, length, source]: for each of `sizes` [B], the matrix of `jax.image.resize`'s cubic resize of `source`
+    values to `sizes[b]` values (rows past `sizes[b]`: unused). A resize is linear in its input, so it is the
+    resize of the identity; the sizes may be traced, unlike `jax.image.resize`'s."""
+    identity = jnp.eye(source, dtype=jnp.float32)
+
+    def weights(size):
+        scale = jnp.maximum(size, 1).astype(jnp.float32)[None] / source
+        return jax.image.scale_and_translate(identity, (length, source), (0,), scale, jnp.zeros(1, jnp.float32),
+                                             method="cubic")
+
+    return jax.vmap(weights)(sizes)
+
+
+def patch_positions(positions: jax.Array, grid: jax.Array, count: int) -> jax.Array:
+    """Position embeddings of a square grid [g, g, C] resized to each image's patch grid [B, 2] (rows, columns),
+    at its patches in row-major order: [B, count, C] (entries past an image's patches: padding, unused).
+
+    The resize is `resize_positions`' (separable cubic, antialiased), so an
+    image's patch input and the image itself get the same positions.
+    """
+    side, width = positions.shape[0], positions.shape[-1]
+    rows, columns = resize_weights(side, grid[:, 0], count), resize_weights(side, grid[:, 1], count)
+    index = jnp.arange(count)
+    row_of = jnp.minimum(index // jnp.maximum(grid[:, 1:], 1), count - 1)  # [B, count]
+    column_of = index % jnp.maximum(grid[:, 1:], 1)
+    pick = jax.vmap(lambda matrix, at: matrix[at])
+    row_weights, column_weights = pick(rows, row_of), pick(columns, column_of)  # [B, count, g] each
+    weights = (row_weights[..., :, None] * column_weights[..., None, :]).reshape(*row_of.shape, side * side)
+    return jnp.einsum("bnk,kc->bnc", weights, positions.reshape(side * side, width).astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
 class MAPHead(nn.Module):
     """Multihead attention pooling (Lee et al. 2019, Set Transformer; used by SigLIP).
 
@@ -53,12 +123,14 @@ class MAPHead(nn.Module):
     options: ExecutionOptions = ExecutionOptions()
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask: Optional[jax.Array] = None):
+        """`mask`: [B, N], the tokens to pool (None: all)."""
         batch, _, width = x.shape
         latent = self.param("latent", initializer(nn.initializers.normal(width**-0.5), (None, "seq", "embed"),
                                                   self.options.logical_axes), (1, 1, width))
         query = jnp.broadcast_to(latent, (batch, 1, width)).astype(x.dtype)
-        z = attention(self.num_heads, self.options, "attn")(query, x)
+        mask = None if mask is None else mask[:, None, None]  # [B, heads, queries, keys]
+        z = attention(self.num_heads, self.options, "attn")(query, x, mask=mask)
         y = normalization(self.norm, self.norm_eps, self.options, "ln")(z)
         z = z + MlpBlock(int(width * self.mlp_ratio), activation=self.activation, options=self.options,
                          name="mlp")(y)
@@ -126,11 +198,7 @@ class VisionTransformer(nn.Module):
     qk_norm: bool = False
     options: ExecutionOptions = ExecutionOptions()
 
-    def _check(self, images):
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be [batch, height, width, 3]; got shape {images.shape}")
-        if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
-            raise ValueError(f"image size {images.shape[1:3]} is not a multiple of patch_size={self.patch_size}")
+    def _check(self):
         if self.pool not in ("cls", "gap", "map"):
             raise ValueError(f"unknown pool {self.pool!r}; use 'cls', 'gap' or 'map'")
         if not self.projection and self.embed_dim != self.width:
@@ -140,13 +208,32 @@ class VisionTransformer(nn.Module):
         if self.num_registers < 0:
             raise ValueError(f"num_registers must be >= 0; got {self.num_registers}")
 
+    def _check_images(self, images):
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be [batch, height, width, 3]; got shape {images.shape}")
+        if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
+            raise ValueError(f"image size {images.shape[1:3]} is not a multiple of patch_size={self.patch_size}")
+
+    def _check_patch_input(self, images: Mapping[str, Any], train: bool):
+        if set(images) != {"patches", "grid"}:
+            raise ValueError("a patch input has the keys 'patches' and 'grid' (jclip.data.naflex); "
+                             f"got {sorted(images)}")
+        patches, grid = images["patches"], images["grid"]
+        expected = (self.patch_size, self.patch_size, 3)
+        if patches.ndim != 5 or patches.shape[2:] != expected:
+            raise ValueError(f"patches must be [batch, max_patches, {', '.join(map(str, expected))}] for "
+                             f"patch_size={self.patch_size}; got shape {patches.shape}")
+        if grid.shape != (patches.shape[0], 2):
+            raise ValueError(f"grid must be [batch, 2] (rows, columns of each image's patches); got shape {grid.shape}")
+        if self.stem != "patch":
+            raise ValueError(f"patch inputs (NaFlex) need stem='patch'; this tower has stem={self.stem!r}")
+        if train and self.patch_dropout > 0:
+            raise ValueError("patch_dropout is not available with patch inputs (NaFlex): set it to 0, or train on "
+                             "fixed-resolution images")
+
     def _stem(self, x):
         if self.stem == "patch":
-            return nn.Conv(
-                self.width, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
-                use_bias=self.patch_bias, dtype=self.options.dtype, name="patch_embed",
-                kernel_init=initializer(nn.linear.default_kernel_init, CONV_AXES, self.options.logical_axes),
-            )(x)
+            return PatchEmbedding(self.width, self.patch_size, self.patch_bias, self.options, name="patch_embed")(x)
         if self.stem == "conv":
             stages = self.patch_size.bit_length() - 1
             if 2**stages != self.patch_size:
@@ -165,8 +252,9 @@ class VisionTransformer(nn.Module):
         patches = jnp.take_along_axis(patches, kept[:, :, None], axis=1)
         return jnp.concatenate([prefix, patches], axis=1)
 
-    def _encode(self, x):
-        """Tokens [B, N, width] -> the encoder's outputs at those N tokens (through `ln_pre` first).
+    def _encode(self, x, valid: Optional[jax.Array]):
+        """Tokens [B, N, width] -> the encoder's outputs at those N tokens (through `ln_pre` first); `valid`
+        [B, N]: the tokens attention may look at (None: all).
 
         With `num_registers`, that many learned tokens join the sequence for
         the encoder, after the others and without position embeddings, and
@@ -183,43 +271,94 @@ class VisionTransformer(nn.Module):
                                    (1, self.num_registers, self.width))
             registers = jnp.broadcast_to(registers, (batch, self.num_registers, self.width)).astype(x.dtype)
             x = jnp.concatenate([x, registers], axis=1)
+            if valid is not None:
+                valid = jnp.concatenate([valid, jnp.ones((batch, self.num_registers), bool)], axis=1)
         if self.ln_pre:
             x = normalization(self.norm, self.norm_eps, self.options, "ln_pre")(x)
         x = Encoder(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
                     norm_eps=self.norm_eps, norm=self.norm, mlp=self.mlp, qk_norm=self.qk_norm, options=self.options,
-                    name="encoder")(x)
+                    name="encoder")(x, None if valid is None else valid[:, None, None, :])
         return x[:, :count] if self.num_registers else x
 
-    @nn.compact
-    def __call__(self, images, train: bool = False):
-        self._check(images)
-        x = self._stem(images.astype(self.options.dtype))
-        batch, height, width, _ = x.shape
-        x = x.reshape(batch, height * width, self.width)
+    def _positions(self, x, num_prefix: int, grid: Optional[jax.Array], image_grid: Optional[tuple[int, int]]):
+        """The learned position embeddings [1, prefix + patches, width] (made for `image_size`, or for the grid
+        `init` sees), fit to the tokens `x`: resized to the images' grid `image_grid`, or per image to each
+        patch input's `grid` [B, 2] ([B, tokens, width] then)."""
+        tokens = self._position_count(x, num_prefix, patch_input=grid is not None)
+        pos = self.param("pos_embedding", initializer(nn.initializers.normal(self.width**-0.5),
+                                                      (None, "seq", "embed"), self.options.logical_axes),
+                         (1, tokens, self.width))
+        if grid is not None:
+            side = math.isqrt(tokens - num_prefix)
+            patches = patch_positions(pos[0, num_prefix:].reshape(side, side, self.width), grid,
+                                      x.shape[1] - num_prefix)
+            prefix = jnp.broadcast_to(pos[:, :num_prefix], (x.shape[0], num_prefix, self.width))
+            return jnp.concatenate([prefix, patches.astype(pos.dtype)], axis=1)
+        return resize_positions(pos, num_prefix, image_grid) if pos.shape[1] != x.shape[1] else pos
+
+    def _position_count(self, x, num_prefix: int, patch_input: bool) -> int:
+        """The number of learned position embeddings: for `image_size`, else for the images `init` saw (a
+        square grid, which patch inputs look up)."""
+        if self.image_size:
+            return num_prefix + (self.image_size // self.patch_size) ** 2
+        if self.has_variable("params", "pos_embedding"):
+            return nn.meta.unbox(self.get_variable("params", "pos_embedding")).shape[1]
+        if not patch_input:
+            return x.shape[1]
+        raise ValueError("a ViT without image_size takes its position embeddings' grid from the images init "
+                         "sees: initialise it with images [B, H, W, 3], or set image_size, not with patch inputs")
+
+    def _pool(self, x, valid: Optional[jax.Array]):
+        """The encoder's outputs [B, N, width] -> [B, width] by `pool`, over the `valid` tokens [B, N] (None: all)."""
+        if self.pool == "map":
+            x = normalization(self.norm, self.norm_eps, self.options, "ln_post")(x)
+            return MAPHead(self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation, norm_eps=self.norm_eps,
+                           norm=self.norm, options=self.options, name="map_head")(x, valid)
+        if self.pool == "cls":
+            x = x[:, 0]
+        elif valid is None:
+            x = x.mean(axis=1)
+        else:
+            weights = valid.astype(x.dtype)[..., None]
+            x = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
+        return normalization(self.norm, self.norm_eps, self.options, "ln_post")(x)
+
+    def _tokens(self, images, train: bool):
+        """Images [B, H, W, 3] or a patch input -> (the encoder's input tokens [B, prefix + N, width]: the stem's,
+        after the class token where `pool` is "cls", with their positions, patch dropout applied in training; the
+        tokens attention may look at [B, prefix + N], or None for all)."""
+        grid = image_grid = valid = None
+        if isinstance(images, Mapping):
+            self._check_patch_input(images, train)
+            patches, grid = images["patches"], images["grid"].astype(jnp.int32)
+            batch, count = patches.shape[:2]
+            x = self._stem(patches)
+            valid = jnp.arange(count) < (grid[:, 0] * grid[:, 1])[:, None]
+        else:
+            self._check_images(images)
+            x = self._stem(images.astype(self.options.dtype))
+            batch, height, width, _ = x.shape
+            image_grid = (height, width)
+            x = x.reshape(batch, height * width, self.width)
         num_prefix = int(self.pool == "cls")
         if num_prefix:
             cls = self.param("cls_token", initializer(nn.initializers.normal(self.width**-0.5),
                                                       (None, "seq", "embed"), self.options.logical_axes),
                              (1, 1, self.width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
-        grid = self.image_size // self.patch_size if self.image_size else None
-        tokens = num_prefix + grid**2 if grid else x.shape[1]
-        pos = self.param("pos_embedding", initializer(nn.initializers.normal(self.width**-0.5),
-                                                      (None, "seq", "embed"), self.options.logical_axes),
-                         (1, tokens, self.width))
-        if pos.shape[1] != x.shape[1]:
-            pos = resize_positions(pos, num_prefix, (height, width))
-        x = x + pos.astype(x.dtype)
+            if valid is not None:
+                valid = jnp.concatenate([jnp.ones((batch, 1), bool), valid], axis=1)
+        x = x + self._positions(x, num_prefix, grid, image_grid).astype(x.dtype)
         if train and self.patch_dropout > 0:
             x = self._drop_patches(x, num_prefix)
-        x = self._encode(x)
-        if self.pool == "map":
-            x = normalization(self.norm, self.norm_eps, self.options, "ln_post")(x)
-            x = MAPHead(self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation, norm_eps=self.norm_eps,
-                        norm=self.norm, options=self.options, name="map_head")(x)
-        else:
-            x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
-            x = normalization(self.norm, self.norm_eps, self.options, "ln_post")(x)
+        return x, valid
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        """Images [B, H, W, 3] or a patch input (see the module docstring) -> [B, embed_dim]."""
+        self._check()
+        x, valid = self._tokens(images, train)
+        x = self._pool(self._encode(x, valid), valid)
         if not self.projection:
             return x
         return dense(self.embed_dim, ("embed", "proj"), self.options, "proj", use_bias=False)(x)

@@ -36,7 +36,7 @@ def cached_loss_and_gradients(
     passes); `loss` maps the outputs of the whole batch to the scalar loss and auxiliary values
     (it may gather over a device axis). Per-example outputs are returned whole; scale and bias once.
     """
-    batch = len(next(iter(inputs.values())))
+    batch = jax.tree.leaves(inputs)[0].shape[0]
     if batch % micro_batches:
         raise ValueError(f"the per-device batch ({batch}) is not divisible by micro_batches={micro_batches}")
 
