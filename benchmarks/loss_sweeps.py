@@ -22,7 +22,7 @@ Each run is a subprocess writing `<workdir>/<run>/sweep_result.json`; a second c
 and resumes a half-finished one from its checkpoint. The tables (mean ± standard error over seeds) go to
 stdout and `<workdir>/tables.md`, one figure per claim to `<workdir>/figures/`.
 
-    python benchmarks/loss_sweeps.py                 # 54 runs, about 2 hours on 2 CPU cores
+    python benchmarks/loss_sweeps.py                 # 54 runs, about 75 minutes on 2 CPU cores
     python benchmarks/loss_sweeps.py --claims temperature --seeds 5
 """
 
