@@ -12,10 +12,13 @@ import tensorflow as tf
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from conftest import load_config
 from jclip import models, parallel
 from jclip.data import naflex, preprocess
 from jclip.models.clip import CLIP
+from jclip.models.summary import training_flops_per_pair
 from jclip.models.vision import VisionTransformer, patch_positions, resize_positions
+from jclip.train.loop import patch_input_example
 
 PATCH = 4
 
@@ -157,3 +160,18 @@ def test_bad_patch_inputs_get_clear_errors():
                   text=dict(vocab_size=64, context_length=16, width=32, depth=1, num_heads=2))
     with pytest.raises(ValueError, match="patch inputs \\(NaFlex\\) need a ViT image tower"):
         resnet.init(jax.random.key(0), good, np.zeros((1, 16), np.int32))
+
+
+def test_a_naflex_run_counts_the_flops_of_its_token_budget():
+    """MFU and the planner count what the step computes: the budget's tokens, not image_size's."""
+    model = models.create("test-micro")
+    flops = {budget: training_flops_per_pair(model, (64, 64, 3), 16, naflex.example(16, budget))
+             for budget in (16, 64)}
+    fixed = training_flops_per_pair(model, (64, 64, 3), 16)  # 4 x 4 patches
+    assert fixed < flops[16] < 1.02 * fixed  # the same 16 tokens, plus the per-image position resize
+    assert flops[64] > 3 * flops[16]
+    config = load_config("shapes_tiny")
+    assert patch_input_example(config) is None
+    config.data.preprocess = "decode|naflex(16, 64)|value_range(-1, 1)"
+    example = patch_input_example(config)
+    assert example["patches"].shape == (64, 16, 16, 3) and example["patches"].dtype == np.uint8

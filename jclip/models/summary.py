@@ -35,9 +35,11 @@ def summarize(name: str, **overrides: Any) -> dict[str, float]:
     }
 
 
-def encoder_flops(model, images, tokens) -> tuple[float, float]:
-    """Forward FLOPs of `model`'s image and text encoders on `images` and `tokens` (arrays or shape structs)."""
-    params = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t), images, tokens)
+def encoder_flops(model, images, tokens, init_images=None) -> tuple[float, float]:
+    """Forward FLOPs of `model`'s image and text encoders on `images` and `tokens` (arrays or shape structs;
+    `images` may be NaFlex patch inputs, with the model's parameters those of `init_images`)."""
+    params = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t),
+                            images if init_images is None else init_images, tokens)
 
     def flops(method, inputs):
         return jax.jit(lambda p, x: model.apply(p, x, method=method)).lower(params, inputs).cost_analysis()["flops"]
@@ -45,8 +47,13 @@ def encoder_flops(model, images, tokens) -> tuple[float, float]:
     return flops(type(model).encode_image, images), flops(type(model).encode_text, tokens)
 
 
-def training_flops_per_pair(model, image_shape: tuple[int, ...], text_length: int) -> float:
-    """Model FLOPs of one image–text pair in a training step: 3× the forward pass (forward + backward)."""
+def training_flops_per_pair(model, image_shape: tuple[int, ...], text_length: int, image_input: Any = None) -> float:
+    """Model FLOPs of one image–text pair in a training step: 3× the forward pass (forward + backward).
+    `image_input`: one example of the image inputs where they are not images of `image_shape` (a NaFlex patch
+    input, whose FLOPs are those of its whole token budget)."""
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     tokens = jax.ShapeDtypeStruct((1, text_length), jnp.int32)
-    return 3 * sum(encoder_flops(model, images, tokens))
+    if image_input is None:
+        return 3 * sum(encoder_flops(model, images, tokens))
+    inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), image_input)
+    return 3 * sum(encoder_flops(model, inputs, tokens, init_images=images))

@@ -62,16 +62,11 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
-def silu(x: jax.Array) -> jax.Array:
-    """SiLU or Swish (Elfwing et al. 2018; Ramachandran et al. 2017), x * sigmoid(x): the gate of SwiGLU."""
-    return jax.nn.silu(x)
-
-
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu,
     "gelu_tanh": gelu_tanh,
     "quick_gelu": quick_gelu,
-    "silu": silu,
+    "silu": jax.nn.silu,  # x * sigmoid(x), SiLU or Swish (Elfwing et al. 2018): the gate of SwiGLU
 }
 
 

@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 from jclip import models, parallel
 from jclip.data import preprocess
 from jclip.models.summary import training_flops_per_pair
-from jclip.train.loop import config_train_step, train_state_layout
+from jclip.train.loop import config_train_step, patch_input_example, train_state_layout
 from jclip.train.objective import LOSSES
 from jclip.train.optimizer import build_optimizer
 
@@ -94,7 +94,11 @@ def step_cost(config: ConfigDict, mesh) -> Cost:
     step = config_train_step(config, layout)
     sharding = parallel.batch_sharding(mesh)
     image_dtype = preprocess.batch_image_dtype(config.data.preprocess)
-    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *layout.image_shape), image_dtype, sharding=sharding),
+    patch_input = patch_input_example(config)
+    images = (jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape), x.dtype, sharding=sharding),
+                           patch_input) if patch_input else
+              jax.ShapeDtypeStruct((config.batch_size, *layout.image_shape), image_dtype, sharding=sharding))
+    batch = {"image": images,
              "tokens": jax.ShapeDtypeStruct((config.batch_size, config.data.text_length), jnp.int32,
                                             sharding=sharding)}
     if config.data.get("negative_kinds"):
@@ -103,7 +107,8 @@ def step_cost(config: ConfigDict, mesh) -> Cost:
     memory = step.lower(layout.abstract, batch).compile().memory_analysis()
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
              + memory.temp_size_in_bytes)
-    flops = training_flops_per_pair(model, layout.image_shape, config.data.text_length) * config.batch_size
+    flops = training_flops_per_pair(model, layout.image_shape, config.data.text_length,
+                                    patch_input) * config.batch_size
     return Cost(config.batch_size, total, memory.argument_size_in_bytes, memory.temp_size_in_bytes, flops)
 
 

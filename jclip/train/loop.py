@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from jclip import models, parallel
 from jclip.checkpoint import Checkpointer, read_params
-from jclip.data import pipeline, preprocess
+from jclip.data import naflex, pipeline, preprocess
 from jclip.data.bpe_tokenizer import Tokenizer
 from jclip.data.sources import build_source
 from jclip.data.tokenizers import load_tokenizer
@@ -87,6 +87,13 @@ def train_state_layout(config: ConfigDict, model, optimizer, mesh) -> StateLayou
     image_shape = (config.data.image_size, config.data.image_size, 3)
     return state_layout(model, optimizer, image_shape, config.data.text_length, mesh, config.parameter_sharding,
                         ema=config.ema_decay > 0)
+
+
+def patch_input_example(config: ConfigDict) -> Optional[dict[str, np.ndarray]]:
+    """One all-padding patch input as the input pipeline hands NaFlex examples to the step (dtype included), or
+    None where the config trains on images [image_size, image_size, 3]."""
+    budget = preprocess.naflex_budget(config.data.preprocess)
+    return naflex.example(*budget, preprocess.batch_image_dtype(config.data.preprocess)) if budget else None
 
 
 def config_train_step(config: ConfigDict, layout: StateLayout):
@@ -236,7 +243,7 @@ def set_up(config: ConfigDict, workdir: str) -> Run:
         start_position=position, negative_kinds=config.data.negative_kinds,
         negative_attributes=config.data.negative_attributes,
     )
-    flops = training_flops_per_pair(model, layout.image_shape, config.data.text_length)
+    flops = training_flops_per_pair(model, layout.image_shape, config.data.text_length, patch_input_example(config))
     return Run(
         config=config, workdir=workdir, mesh=mesh, model=model, tokenizer=tokenizer, checkpointer=checkpointer,
         batches=batches, teacher=make_teacher(config, mesh, tokenizer),
