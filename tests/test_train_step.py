@@ -9,6 +9,7 @@ from batches import random_batch
 from conftest import load_config
 from helpers import assert_trees_close, assert_trees_equal, init_params
 from jclip import losses, models, parallel
+from jclip.models.summary import encoder_flops
 from jclip.train.objective import make_objective
 from jclip.train.optimizer import build_optimizer
 from jclip.parameter_layout import named, parameter_specs
@@ -182,3 +183,30 @@ def test_the_step_applies_the_per_pixel_ops_to_uint8_images_on_the_devices():
         state, metrics = step(state, parallel.global_batch({**batch, "image": images}, mesh))
         results.append(jax.device_get((state.params, metrics)))
     assert_trees_close(results[1], results[0], rtol=1e-6, atol_fraction=1e-7)
+
+
+def test_frozen_groups_train_as_before_without_computing_their_gradients():
+    """LiT's locked image tower: the same updates as when the optimizer alone keeps it fixed, and a compiled step
+    without the tower's backward pass (about twice its forward pass in FLOPs)."""
+    config = load_config("shapes_tiny")
+    config.optimizer.frozen = ("image_tower",)
+    config.optimizer.warmup_steps = 1
+    model = models.create("test-micro")
+    mesh = parallel.make_mesh(8)
+    layout = state_layout(model, build_optimizer(config), IMAGE_SHAPE, LENGTH, mesh, "replicated")
+    batch = parallel.global_batch(random_batch(16), mesh)
+    results, flops = {}, {}
+    for frozen in ((), ("image_tower",)):
+        step = make_train_step(layout, frozen=frozen)
+        state = create_train_state(layout, jax.random.key(0))
+        flops[frozen] = step.lower(state, batch).compile().cost_analysis()["flops"]
+        for _ in range(2):
+            state, metrics = step(state, batch)
+        results[frozen] = jax.device_get(state.params)
+    assert_trees_close(results[("image_tower",)], results[()], rtol=1e-6, atol_fraction=1e-7)
+    initial = jax.device_get(create_train_state(layout, jax.random.key(0)).params)
+    assert_trees_equal(results[("image_tower",)]["image_tower"], initial["image_tower"])
+    # The step's cost analysis counts one device's share: 2 of the 16 pairs.
+    images = jax.ShapeDtypeStruct((2, *IMAGE_SHAPE), jnp.float32)
+    image_forward, _ = encoder_flops(model, images, jax.ShapeDtypeStruct((2, LENGTH), jnp.int32))
+    assert flops[()] - flops[("image_tower",)] > 1.2 * image_forward

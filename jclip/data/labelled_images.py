@@ -82,15 +82,21 @@ def read_labelled_images(dataset: Union[str, Mapping[str, Any]], split: str = "t
         raise ValueError(f"a {kind!r} dataset has no option(s) {sorted(set(options) - set(takes))}; it takes path"
                          + "".join(f", {option}" for option in takes)
                          + (" (class_names is an option of the task)" if "class_names" in options else ""))
-    if kind == "wds":
-        return _shards(path, split, class_names, process_index, process_count)
-    paths, labels, classes, names = read(path.replace("{split}", split), class_names, **options)
-    begin, end = sources.process_range(len(paths), process_index, process_count)
-    examples = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(paths[begin:end], tf.string), tf.constant(labels[begin:end], tf.int64))
-    ).map(lambda p, label: {"image": tf.constant(b""), "image_path": p, "label": label})
-    return LabelledImages(path.replace("{split}", split), examples, end - begin, names, classes,
-                          skips_unreadable=True)
+    return read(path, split, class_names, process_index, process_count, **options)
+
+
+def _reader_of_listed(list_images):
+    """A reader of `_FILE_KINDS` from a function listing a dataset's image files: `list_images(path, class_names,
+    **options)` -> (paths, labels, classes, names); this process's share of them, read when visited."""
+    def read(path, split, class_names, process_index, process_count, **options) -> LabelledImages:
+        path = path.replace("{split}", split)
+        paths, labels, classes, names = list_images(path, class_names, **options)
+        begin, end = sources.process_range(len(paths), process_index, process_count)
+        examples = tf.data.Dataset.from_tensor_slices(
+            (tf.constant(paths[begin:end], tf.string), tf.constant(labels[begin:end], tf.int64))
+        ).map(lambda p, label: {"image": tf.constant(b""), "image_path": p, "label": label})
+        return LabelledImages(path, examples, end - begin, names, classes, skips_unreadable=True)
+    return read
 
 
 def _shards(path, split, class_names, process_index, process_count) -> LabelledImages:
@@ -244,6 +250,8 @@ def _csv(file: str, class_names="dataset", image_column: str = "filepath", label
     return paths, indices, list(classes), list(names)
 
 
-# The reader of each kind of dataset dict and its options besides `path`.
-_FILE_KINDS = {"folder": (_folder, ()), "csv": (_csv, ("image_column", "label_column", "image_root")),
-               "wds": (None, ())}
+# The reader of each kind of dataset dict, `read(path, split, class_names, process_index, process_count,
+# **options)` -> LabelledImages, and its options besides `path`.
+_FILE_KINDS = {"folder": (_reader_of_listed(_folder), ()),
+               "csv": (_reader_of_listed(_csv), ("image_column", "label_column", "image_root")),
+               "wds": (_shards, ())}

@@ -100,7 +100,7 @@ def config_train_step(config: ConfigDict, layout: StateLayout):
     """The config's jitted train step: its losses, micro-batches, EMA and seed, and the per-pixel ops of its
     preprocessing, which the step applies to the input pipeline's images on the devices."""
     return make_train_step(layout, config.losses.to_dict(), config.micro_batches, config.ema_decay, config.seed,
-                           preprocess.batch_op(config.data.preprocess))
+                           preprocess.batch_op(config.data.preprocess), tuple(config.optimizer.get("frozen", ())))
 
 
 def initial_state(config: ConfigDict, workdir: str, layout: StateLayout,

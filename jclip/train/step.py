@@ -8,7 +8,7 @@ the collectives that global-norm clipping, LAMB's trust ratios or Adafactor's
 factored moments need when parameters are sharded (FSDP).
 """
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,7 +34,7 @@ def _replicated_specs(params: Any) -> Any:
 
 def make_gradient_function(model: nn.Module, mesh: Mesh, param_specs: Any,
                            loss_spec: Optional[Mapping[str, Mapping[str, Any]]] = None, micro_batches: int = 1,
-                           image_op: Optional[Callable[[jax.Array], jax.Array]] = None):
+                           image_op: Optional[Callable[[jax.Array], jax.Array]] = None, frozen: Sequence[str] = ()):
     """`(params, batch, rng) -> (metrics, grads)` over `mesh`, for use under `jax.jit`.
 
     `params` and `grads` are laid out as `param_specs` say (replicated, or FSDP
@@ -47,12 +47,17 @@ def make_gradient_function(model: nn.Module, mesh: Mesh, param_specs: Any,
     `negative_tokens` [B, K, L] are embedded by the text tower as `negative_ztxt`.
     `image_op` maps each device's (micro-)batch of images before the model: the
     per-pixel ops the input pipeline leaves to the step (`preprocess.batch_op`).
+    The `frozen` parameter groups (`optimizer.frozen`, top-level names such as
+    "image_tower") get zero gradients without computing them: behind a stop-gradient
+    their backward pass is dead code, so a LiT step pays only the locked tower's
+    forward pass.
     """
     loss_spec = loss_spec or DEFAULT_LOSSES
     objective = make_objective(loss_spec, DATA_AXIS)
     model_inputs = ("image", "tokens", "negative_tokens") if embeds_negatives(loss_spec) else ("image", "tokens")
 
     def embed(params, inputs, rng):
+        params = {name: lax.stop_gradient(value) if name in frozen else value for name, value in params.items()}
         variables = {"params": gather_on_use(params, param_specs, DATA_AXIS)}
         images = inputs["image"] if image_op is None else image_op(inputs["image"])
         out = model.apply(variables, images, inputs["tokens"], train=True, rngs={"patch_dropout": rng})
@@ -111,18 +116,20 @@ def make_gradient_step(model: nn.Module, mesh: Mesh, loss_spec=None, micro_batch
 def make_train_step(
     layout: StateLayout, loss_spec: Optional[Mapping[str, Mapping[str, Any]]] = None, micro_batches: int = 1,
     ema_decay: float = 0.0, seed: int = 0, image_op: Optional[Callable[[jax.Array], jax.Array]] = None,
+    frozen: Sequence[str] = (),
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A jitted `(state, batch) -> (state, metrics)` for states laid out as `layout` says.
 
-    `image_op` finishes the batch's images on the devices (see
-    `make_gradient_function`). After the update, `scale` is clamped at the
+    `image_op` finishes the batch's images on the devices, and the `frozen`
+    groups' gradients are not computed (see `make_gradient_function`; the
+    optimizer must keep those groups fixed too, as `optimizer.frozen` does). After the update, `scale` is clamped at the
     model's `max_scale`, and the EMA of the parameters (when the state has one)
     moves by `1 - ema_decay` towards them. The state is donated: do not reuse
     the one passed in.
     """
     model, optimizer, mesh = layout.model, layout.optimizer, layout.mesh
     max_scale = getattr(model, "max_scale", None)
-    gradients = make_gradient_function(model, mesh, layout.specs.params, loss_spec, micro_batches, image_op)
+    gradients = make_gradient_function(model, mesh, layout.specs.params, loss_spec, micro_batches, image_op, frozen)
 
     def step(state: TrainState, batch: Batch):
         metrics, grads = gradients(state.params, batch, jax.random.fold_in(jax.random.key(seed), state.step))
