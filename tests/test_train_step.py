@@ -9,7 +9,7 @@ from batches import random_batch
 from conftest import load_config
 from helpers import assert_trees_close, assert_trees_equal, init_params
 from jclip import losses, models, parallel
-from jclip.models.summary import encoder_flops
+from jclip.models.summary import encoder_flops, training_flops_per_pair
 from jclip.train.objective import make_objective
 from jclip.train.optimizer import build_optimizer
 from jclip.parameter_layout import named, parameter_specs
@@ -210,3 +210,6 @@ def test_frozen_groups_train_as_before_without_computing_their_gradients():
     images = jax.ShapeDtypeStruct((2, *IMAGE_SHAPE), jnp.float32)
     image_forward, _ = encoder_flops(model, images, jax.ShapeDtypeStruct((2, LENGTH), jnp.int32))
     assert flops[()] - flops[("image_tower",)] > 1.2 * image_forward
+    # MFU counts the same: the locked tower's forward pass once, not three times.
+    full, locked = (training_flops_per_pair(model, IMAGE_SHAPE, LENGTH, frozen=frozen) for frozen in flops)
+    assert full - locked == pytest.approx(image_forward, rel=1e-2)  # 2 passes fewer per pair; image_forward: 2 pairs

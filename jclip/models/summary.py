@@ -5,7 +5,7 @@ size 1 (floating-point operations, a multiply-add counting as two), so they are
 about twice the "GMACs" some tables list.
 """
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +47,18 @@ def encoder_flops(model, images, tokens, init_images=None) -> tuple[float, float
     return flops(type(model).encode_image, images), flops(type(model).encode_text, tokens)
 
 
-def training_flops_per_pair(model, image_shape: tuple[int, ...], text_length: int, image_input: Any = None) -> float:
-    """Model FLOPs of one image–text pair in a training step: 3× the forward pass (forward + backward).
-    `image_input`: one example of the image inputs where they are not images of `image_shape` (a NaFlex patch
-    input, whose FLOPs are those of its whole token budget)."""
+def training_flops_per_pair(model, image_shape: tuple[int, ...], text_length: int, image_input: Any = None,
+                            frozen: Sequence[str] = ()) -> float:
+    """Model FLOPs of one image–text pair in a training step: 3× a tower's forward pass (forward + backward),
+    1× for a tower in `frozen` (its parameter group, "image_tower" or "text_tower": forward only, as the train
+    step runs it). `image_input`: one example of the image inputs where they are not images of `image_shape`
+    (a NaFlex patch input, whose FLOPs are those of its whole token budget)."""
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     tokens = jax.ShapeDtypeStruct((1, text_length), jnp.int32)
     if image_input is None:
-        return 3 * sum(encoder_flops(model, images, tokens))
-    inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), image_input)
-    return 3 * sum(encoder_flops(model, inputs, tokens, init_images=images))
+        image_flops, text_flops = encoder_flops(model, images, tokens)
+    else:
+        inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), image_input)
+        image_flops, text_flops = encoder_flops(model, inputs, tokens, init_images=images)
+    passes = {tower: 1 if tower in frozen else 3 for tower in ("image_tower", "text_tower")}
+    return passes["image_tower"] * image_flops + passes["text_tower"] * text_flops

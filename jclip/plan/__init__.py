@@ -107,8 +107,8 @@ def step_cost(config: ConfigDict, mesh) -> Cost:
     memory = step.lower(layout.abstract, batch).compile().memory_analysis()
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
              + memory.temp_size_in_bytes)
-    flops = training_flops_per_pair(model, layout.image_shape, config.data.text_length,
-                                    patch_input) * config.batch_size
+    flops = training_flops_per_pair(model, layout.image_shape, config.data.text_length, patch_input,
+                                    tuple(config.optimizer.get("frozen", ()))) * config.batch_size
     return Cost(config.batch_size, total, memory.argument_size_in_bytes, memory.temp_size_in_bytes, flops)
 
 

@@ -243,7 +243,8 @@ def set_up(config: ConfigDict, workdir: str) -> Run:
         start_position=position, negative_kinds=config.data.negative_kinds,
         negative_attributes=config.data.negative_attributes,
     )
-    flops = training_flops_per_pair(model, layout.image_shape, config.data.text_length, patch_input_example(config))
+    flops = training_flops_per_pair(model, layout.image_shape, config.data.text_length, patch_input_example(config),
+                                    tuple(config.optimizer.get("frozen", ())))
     return Run(
         config=config, workdir=workdir, mesh=mesh, model=model, tokenizer=tokenizer, checkpointer=checkpointer,
         batches=batches, teacher=make_teacher(config, mesh, tokenizer),
