@@ -222,26 +222,30 @@ def evaluation_spec(image_size: int, training_spec: str) -> str:
     return "|".join(["decode", *geometry, *value_ops])
 
 
-def naflex_budget(spec: str) -> Optional[tuple[int, int]]:
-    """(patch_size, max_patches) of the `naflex` op of `spec`; None: `spec` makes images, not patch inputs."""
+def _naflex_op(spec: str) -> Optional[tuple[list[str], int, list]]:
+    """(the ops of `spec` as written, the index of its `naflex` op, that op's arguments); None without one."""
     parse_ops(spec)  # a clear error for a bad spec
-    for part in spec.split("|"):
+    parts = [part.strip() for part in spec.split("|")]
+    for index, part in enumerate(parts):
         name, arguments = _OP_PATTERN.match(part).groups()
         if name == "naflex":
-            patch_size, max_patches = ast.literal_eval(f"({arguments},)")[:2]
-            return patch_size, max_patches
+            return parts, index, list(ast.literal_eval(f"({arguments},)"))
     return None
+
+
+def naflex_budget(spec: str) -> Optional[tuple[int, int]]:
+    """(patch_size, max_patches) of the `naflex` op of `spec`; None: `spec` makes images, not patch inputs."""
+    op = _naflex_op(spec)
+    return None if op is None else (op[2][0], op[2][1])
 
 
 def with_max_patches(spec: str, max_patches: int) -> str:
     """`spec` with its `naflex` op's token budget set to `max_patches` (evaluating a NaFlex model at another
     sequence length); an error for a spec without one."""
-    budget = naflex_budget(spec)
-    if budget is None:
+    op = _naflex_op(spec)
+    if op is None:
         raise ValueError(f"max_patches is for NaFlex models, whose preprocessing has a naflex op; {spec!r} has none")
-    parts = [part.strip() for part in spec.split("|")]
-    index = next(i for i, part in enumerate(parts) if _OP_PATTERN.match(part).group(1) == "naflex")
-    arguments = list(ast.literal_eval(f"({_OP_PATTERN.match(parts[index]).group(2)},)"))
+    parts, index, arguments = op
     arguments[1] = max_patches
     parts[index] = f"naflex({', '.join(map(repr, arguments))})"
     return "|".join(parts)

@@ -389,7 +389,8 @@ def check_task_inputs(tasks: Mapping[str, Mapping[str, Any]], image_size: int, p
                       data_dir: Optional[str] = None) -> None:
     """Stop with a clear message unless every task's data can be read and its preprocessing (the task's own,
     or `preprocess`) makes `[image_size, image_size, 3]` images (or the patch inputs of its naflex op) of it:
-    one example of each image set goes through the ops. The trainer checks this before its first step, not after the training."""
+    one example of each image set goes through the ops. The trainer checks this before its first step, not after
+    the training."""
     for name, (kind, options) in select_tasks(tasks).items():
         arguments = inspect.signature(TASK_KINDS[kind]).bind(None, **options)
         arguments.apply_defaults()  # the task's own defaults (its split, its class names, ...)

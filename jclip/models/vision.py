@@ -97,9 +97,9 @@ def patch_positions(positions: jax.Array, grid: jax.Array, count: int) -> jax.Ar
     """
     side, width = positions.shape[0], positions.shape[-1]
     rows, columns = resize_weights(side, grid[:, 0], count), resize_weights(side, grid[:, 1], count)
-    index = jnp.arange(count)
-    row_of = jnp.minimum(index // jnp.maximum(grid[:, 1:], 1), count - 1)  # [B, count]
-    column_of = index % jnp.maximum(grid[:, 1:], 1)
+    index, columns_per_row = jnp.arange(count), jnp.maximum(grid[:, 1:], 1)
+    row_of = jnp.minimum(index // columns_per_row, count - 1)  # [B, count]
+    column_of = index % columns_per_row
     pick = jax.vmap(lambda matrix, at: matrix[at])
     row_weights, column_weights = pick(rows, row_of), pick(columns, column_of)  # [B, count, g] each
     weights = (row_weights[..., :, None] * column_weights[..., None, :]).reshape(*row_of.shape, side * side)
