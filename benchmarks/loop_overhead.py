@@ -21,9 +21,9 @@ alone) - 1; the goal is under 5 %.
     python benchmarks/loop_overhead.py                 # about 5 minutes on 2 CPU cores
 """
 
-from jclip.host_memory import reuse_freed_memory
+from jclip.host_memory import prepare_host
 
-reuse_freed_memory()  # as the entry points do, before JAX starts its threads
+prepare_host()  # as the entry points do, before JAX starts its threads
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -114,10 +114,10 @@ def tolerance(zimg: np.ndarray, data: dict) -> float:
 
 def train_and_measure(run: Run, args) -> None:
     """The subprocess's work: train one run (resuming), measure it, write its sweep_result.json."""
-    from jclip.host_memory import reuse_freed_memory
+    from jclip.host_memory import prepare_host
     from jclip.train.loop import evaluation_params, train
 
-    reuse_freed_memory()
+    prepare_host()
     config = configure(run, args)
     workdir = os.path.join(args.workdir, run.name)
     state = train(config, workdir)

@@ -117,7 +117,7 @@ def jclip_worker(args) -> dict:
     compile_s = time.perf_counter() - compile_start
     for _ in range(args.warmup):
         state, metrics = train_step(state, batch)
-    jax.block_until_ready(metrics)
+        jax.block_until_ready(metrics)
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -295,13 +295,16 @@ def print_table(rows: list[tuple[str, dict]], baseline: str = None) -> None:
 def main():
     args = parse_args()
     if args.worker:
-        # jclip's entry points keep freed host memory for reuse (jclip.host_memory); OpenCLIP's row
-        # runs as its users run it, and once more with the same setting (host_malloc=reuse).
+        # jclip's entry points keep freed host memory for reuse and dispatch CPU steps synchronously
+        # (jclip.host_memory); OpenCLIP's row runs as its users run it, and once more with the same
+        # malloc setting (host_malloc=reuse).
+        from jclip import host_memory
+
         default_malloc = "reuse" if args.worker == "jclip" else "default"
         if parse_options(args.options).get("host_malloc", default_malloc) == "reuse":
-            from jclip.host_memory import reuse_freed_memory
-
-            reuse_freed_memory()
+            host_memory.reuse_freed_memory()
+        if args.worker == "jclip":
+            host_memory.synchronous_cpu_dispatch()
         result = jclip_worker(args) if args.worker == "jclip" else open_clip_worker(args)
         print(json.dumps(result))
         return

@@ -1,6 +1,7 @@
 """Damaged training data: each bad example is skipped (or left out) and counted, the first few named in warnings;
 a file that cannot be used at all, or a source with no usable example, is one clear error before training."""
 
+import gzip
 import io
 import json
 import queue
@@ -88,6 +89,24 @@ def test_a_truncated_tar_shard_gives_its_samples_before_the_cut(tmp_path, capsys
     (tmp_path / "stub" / "00000.tar").write_bytes(data[:100])  # not even one whole header
     with pytest.raises(ValueError, match=r"stub/00000.tar cannot be opened as a tar file .*Download it again"):
         tar_source(str(tmp_path / "stub" / "*.tar"))
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "00000.tar").write_bytes(gzip.compress(data))
+    with pytest.raises(ValueError, match=r"gz/00000.tar is compressed: .* decompress it"):
+        tar_source(str(tmp_path / "gz" / "*.tar"))
+
+
+def test_tar_shard_sizes_come_from_sizes_json_or_stats_and_a_wrong_one_is_skipped_with_a_warning(tmp_path, capsys):
+    """Shards whose sizes the dataset states (img2dataset's _stats.json, OpenCLIP's sizes.json) are not read at
+    the start; a stated size larger than the shard gives empty samples (skipped and counted) and a warning."""
+    write_tar(tmp_path / "a.tar", [m for i in range(6) for m in good_sample(i)])
+    write_tar(tmp_path / "b.tar", [m for i in range(6, 11) for m in good_sample(i)])
+    (tmp_path / "a_stats.json").write_text(json.dumps({"successes": 6, "failed_to_download": 3}))
+    (tmp_path / "sizes.json").write_text(json.dumps({"b.tar": 7}))
+    source = tar_source(str(tmp_path / "*.tar"))
+    assert source.num_examples == 13 and not source.read.indices  # no shard indexed yet
+    assert captions(source) == [f"picture number {i}" for i in range(11)] + ["", ""]
+    assert f"tar shard {tmp_path / 'b.tar'} holds 5 samples, not the 7" in capsys.readouterr().out
+    assert source.describe(7) == f"{tmp_path / 'b.tar'} sample '007'"
 
 
 def test_tar_samples_without_a_decodable_image_are_skipped_counted_and_named(tmp_path, tokenizer, capsys):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import CORRUPT, EMPTY_CAPTION, NUM_EXAMPLES, example, png
 from jclip import parallel
-from jclip.data import pipeline, preprocess, prompts
+from jclip.data import in_memory, pipeline, preprocess, prompts
 from jclip.data.bpe_tokenizer import Tokenizer
 from jclip.data.sources import build_source, csv_source, tar_source, tfds_source
 
@@ -116,6 +116,25 @@ def test_resume_continues_with_the_next_batch_exactly(csv_file, tar_shards, toke
     other_seed = pipeline.TrainInput(sources, tokenizer, parallel.make_mesh(), batch_size=8, text_length=16, seed=6,
                                      shuffle_buffer=100, image_preprocess=spec)
     assert not np.array_equal(np.asarray(next(other_seed)["tokens"]), straight[0]["tokens"])
+
+
+def test_a_resumed_tar_stream_reads_only_what_it_draws(tmp_path, tokenizer, monkeypatch):
+    """A tar source is drawn by sample numbers and read after: resuming at draw 3,000 of an epoch of 4,000 reads
+    about a shuffle buffer's worth of samples, not the 3,000 before it. The samples are where they were."""
+    image, path = png(0, 8, 8), tmp_path / "00000.tar"
+    with tarfile.open(path, "w") as archive:
+        for i in range(4000):
+            for suffix, data in ((".png", image), (".txt", f"picture number {i % NUM_EXAMPLES}".encode())):
+                info = tarfile.TarInfo(f"{i:06d}{suffix}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    source = tar_source(str(path))
+    reads, sample = [], type(source.read).sample
+    monkeypatch.setattr(type(source.read), "sample", lambda self, k: reads.append(k) or sample(self, k))
+    batches, _ = read([(source, 1.0)], tokenizer, start=3000, batches=1)
+    assert 0 < len(reads) < 3 * SHUFFLE_BUFFER
+    drawn = in_memory.table_rows([4000], [1.0], SEED, SHUFFLE_BUFFER, 3000).take(8).as_numpy_iterator()
+    assert [tokenizer.decode(t) for t in batches[0]["tokens"]] == [f"picture number {k % NUM_EXAMPLES}" for k in drawn]
 
 
 def test_mixture_follows_the_weights(csv_file, tar_shards):

@@ -23,6 +23,7 @@ from jclip.checkpoint import Checkpointer, ModelMismatchError
 from jclip.data import pipeline
 from jclip.evaluate.from_checkpoint import evaluate_checkpoint
 from jclip.host_memory import reuse_freed_memory
+from jclip.train import loop
 from jclip.train.loop import train
 from jclip.train.optimizer import (build_optimizer, clip_trained_by_global_norm, learning_rate_schedule,
                                    weight_decay_mask)
@@ -110,9 +111,27 @@ def restore_params(config, workdir):
     return state, record
 
 
-def test_checkpoint_restores_identical_state(tiny_config, tmp_path):
+def test_checkpoint_restores_identical_state_and_cpu_steps_never_queue(tiny_config, tmp_path, monkeypatch):
+    """Also: on CPU the loop queues a step only when the step before is done (one step's temporary buffers at
+    a time). Each step's metrics come 50 ms late, so a loop that queued steps would find them pending."""
+    step_outputs, pending_at_dispatch = [], []
+    original_step = loop.config_train_step
+
+    def late_step(config, layout):
+        step = original_step(config, layout)
+        delay = jax.jit(lambda tree: jax.pure_callback(lambda x: (time.sleep(0.05), x)[1], tree, tree))
+
+        def stepped(state, batch):
+            pending_at_dispatch.append(not all(x.is_ready() for x in jax.tree.leaves(step_outputs[-1:])))
+            state, metrics = step(state, batch)
+            step_outputs.append(delay(metrics))
+            return state, step_outputs[-1]
+        return stepped
+
+    monkeypatch.setattr(loop, "config_train_step", late_step)
     workdir = str(tmp_path / "run")
     final = train(tiny_config, workdir, evaluate_at_end=False)
+    assert pending_at_dispatch == [False] * tiny_config.total_steps
     restored, record = restore_params(tiny_config, workdir)
     assert int(restored.step) == tiny_config.total_steps
     assert record["data_position"] == [tiny_config.total_steps * tiny_config.batch_size]
@@ -154,6 +173,7 @@ def test_run_stopped_by_ctrl_c_resumes_exactly(tiny_config, csv_file, tmp_path, 
     assert restore_params(tiny_config, workdir)[1]["data_position"] == uninterrupted_record["data_position"]
     steps = [m["step"] for m in read_metrics(workdir)]  # no step logged twice
     assert steps == sorted(set(steps)) and steps[-1] == tiny_config.total_steps
+    assert read_metrics(workdir)[-1]["skipped_examples"] == logged["skipped_examples"]  # counted across the resume
 
 
 def test_bad_profile_steps_and_host_memory_opt_out(monkeypatch):
@@ -163,6 +183,22 @@ def test_bad_profile_steps_and_host_memory_opt_out(monkeypatch):
     assert parse_step_range("10:15") == (10, 15)
     monkeypatch.setenv("JCLIP_HOST_MALLOC", "default")
     assert reuse_freed_memory() is False
+
+
+def test_prepared_cpu_host_runs_a_step_before_the_call_returns():
+    """With `prepare_host` (as the entry points), a one-device CPU computation is done when its call returns, so
+    the next one never allocates its buffers beside it; without it, the call returns at once."""
+    program = ("import sys\n"
+               "from jclip.host_memory import prepare_host\n"
+               "if sys.argv[1] == 'prepared': prepare_host()\n"
+               "import jax, jax.numpy as jnp\n"
+               "slow = jax.jit(lambda x: jax.lax.fori_loop(0, 8, lambda i, y: jnp.tanh(y @ y), x))\n"
+               "x = jnp.ones((1500, 1500)) / 1500\n"
+               "print(slow(x).block_until_ready() is not None and slow(x).is_ready())\n")
+    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    ready = {how: subprocess.run([sys.executable, "-c", program, how], env=environment, capture_output=True,
+                                 text=True, check=True).stdout.split()[-1] for how in ("prepared", "default")}
+    assert ready == {"prepared": "True", "default": "False"}
 
 
 def test_bad_batch_size_is_a_clear_error(tiny_config, tmp_path):

@@ -56,8 +56,15 @@ def input_options() -> tf.data.Options:
 
 
 def _source_stream(source: Source, source_index: int, seed: int, shuffle_buffer: int, start: int) -> tf.data.Dataset:
-    """Source examples from its `start`-th draw on; one that fits in memory is read from its files once."""
-    examples = source.examples.map(lambda example: {**example, "captions": text_captions(example["captions"])})
+    """Source examples from its `start`-th draw on; one that fits in memory is read from its files once, one with
+    `references` is drawn (and skipped to `start`) by them and read after."""
+    def with_captions(example):
+        return {**example, "captions": text_captions(example["captions"])}
+
+    if source.references is not None and not source.fits_in_memory:
+        drawn = draw_order.epochs(source.references, source.num_examples, source_index, seed, shuffle_buffer, start)
+        return drawn.map(source.read, num_parallel_calls=DECODE_PARALLELISM).map(with_captions)
+    examples = source.examples.map(with_captions)
     if source.fits_in_memory:
         examples = examples.cache()
     return draw_order.epochs(examples, source.num_examples, source_index, seed, shuffle_buffer, start)

@@ -20,6 +20,7 @@ contiguous range of rows for CSV and of samples for wds, every process_count-th 
 `{data_dir}` in a CSV or wds path becomes `config.data.data_dir`.
 """
 
+import collections
 import csv
 import dataclasses
 import glob
@@ -27,12 +28,14 @@ import itertools
 import json
 import os
 import tarfile
+import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tqdm import tqdm
 
 from jclip.data import prompts, shapes
 from jclip.data.benchmark_shards import read_benchmark_shards
@@ -59,6 +62,10 @@ class Source:
     image_files: bool = False  # images are read from `image_path` when the pipeline visits an example
     fits_in_memory: bool = False  # small enough that the pipeline keeps it in memory after its first epoch
     where: Optional[Callable[[int], str]] = None  # example k -> where it is (a CSV line, a tar sample)
+    # Cheap stand-ins for `examples` (sample numbers, in the same order) and the map that reads one into its
+    # example: the training stream orders and skips these and reads only what it draws, so a resume skips fast.
+    references: Optional[tf.data.Dataset] = None
+    read: Optional[Callable[[tf.Tensor], dict]] = None
 
     def describe(self, k: int) -> str:
         """Where example k of this slice is, for warnings that name bad examples."""
@@ -288,21 +295,21 @@ def csv_source(path: str, *, image_column: str = "filepath", caption_column: str
                   where=lambda k: f"{path} line {lines[k]}")
 
 
-def _sample(files: dict[str, bytes]) -> dict:
-    image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), b"")
-    caption = files.get(".txt", b"").decode("utf-8", "replace")
-    if not caption and ".json" in files:
+def _caption(text: Optional[bytes], metadata: Optional[bytes]) -> str:
+    """A WebDataset sample's caption: its .txt, or else the "caption" of its .json (empty where it has neither)."""
+    caption = (text or b"").decode("utf-8", "replace")
+    if not caption and metadata:
         try:
-            caption = str(json.loads(files[".json"].decode("utf-8", "replace")).get("caption") or "")
+            caption = str(json.loads(metadata.decode("utf-8", "replace")).get("caption") or "")
         except (ValueError, AttributeError):
             caption = ""
-    return {"image": image, "image_path": "", "captions": np.array([caption.strip()], dtype=object)}
+    return caption.strip()
 
 
-def _tar_groups(archive: tarfile.TarFile, read: bool) -> Iterator[tuple[str, dict]]:
-    """(key, {extension: file}) of each sample of an open WebDataset tar: consecutive image, .txt and .json files
-    sharing a key. The files are their bytes when `read`, else their members (headers only, no data read).
-    Where the tar is cut short, raises one of `_TAR_ERRORS` after the samples before the cut."""
+def _tar_groups(archive: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """(key, {extension: member}) of each sample of an open WebDataset tar: consecutive image, .txt and .json
+    files sharing a key (headers only, no data read). Where the tar is cut short, raises one of `_TAR_ERRORS`
+    after the samples before the cut."""
     key, files = None, {}
     for member in archive:
         stem, extension = os.path.splitext(member.name)
@@ -312,7 +319,7 @@ def _tar_groups(archive: tarfile.TarFile, read: bool) -> Iterator[tuple[str, dic
             yield key, files
             files = {}
         key = stem
-        files[extension.lower()] = archive.extractfile(member).read() if read else member
+        files[extension.lower()] = member
     if key is not None:
         yield key, files
 
@@ -322,52 +329,154 @@ def _cut_short(shard: str, samples: int, error: Exception) -> str:
             "samples before the cut are used: download it again for the others")
 
 
-def _tar_samples(shard: bytes) -> Iterator[dict]:
-    """Samples of a WebDataset tar (`_tar_groups`), `key.jpg` + `key.txt` / `key.json`.
+# The members of a sample that `_index_tar` locates: its image (the first of IMAGE_EXTENSIONS), .txt and .json.
+_MEMBERS = ("image", ".txt", ".json")
 
-    A sample with no image or no caption is still yielded (the pipeline skips and counts it); a caption that
-    is not valid UTF-8 is read with U+FFFD for its bad bytes; a truncated shard ends, with a warning, at its
-    last whole sample (where `_count_tar_samples` stops counting).
-    """
-    shard, count = shard.decode(), 0
+
+def _index_tar(shard: str) -> np.ndarray:
+    """[samples, 3, 2] int64: the (offset, size) of each sample's `_MEMBERS` in the shard, (-1, 0) where it has
+    none, from the tar headers (`_tar_groups`). A shard cut short (a partial download) gives the samples before
+    the cut, with a warning; a file that cannot be opened as an uncompressed tar is a ValueError."""
     try:
-        with tarfile.open(shard) as archive:
-            for _, files in _tar_groups(archive, read=True):
-                yield _sample(files)
-                count += 1
+        archive = tarfile.open(shard, "r:")
     except _TAR_ERRORS as error:
-        print(_cut_short(shard, count, error), flush=True)
-
-
-def _count_tar_samples(shard: str) -> int:
-    """The samples of a tar shard, from its headers; one cut short (a partial download) counts those before the
-    cut, with a warning. A file that cannot be opened as a tar at all is a ValueError."""
-    try:
-        archive = tarfile.open(shard)
-    except _TAR_ERRORS as error:
+        with open(shard, "rb") as file:
+            magic = file.read(6)
+        if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":
+            raise ValueError(f"tar shard {shard} is compressed: jclip reads each sample of a tar shard where it lies "
+                             "(so that a resumed run skips to its position without reading), which needs "
+                             "uncompressed shards; decompress it (e.g. gunzip)") from None
         raise ValueError(f"tar shard {shard} cannot be opened as a tar file ({str(error).splitlines()[-1].strip()}): "
                          "empty, cut short or not a tar? Download it again, or remove it") from None
-    count = 0
+    rows = []
     with archive:
         try:
-            for _ in _tar_groups(archive, read=False):
-                count += 1
+            for _, files in _tar_groups(archive):
+                image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+                members = [image, files.get(".txt"), files.get(".json")]
+                rows.append([(m.offset_data, m.size) if m is not None else (-1, 0) for m in members])
         except _TAR_ERRORS as error:
-            print(_cut_short(shard, count, error), flush=True)
-    return count
+            print(_cut_short(shard, len(rows), error), flush=True)
+    return np.array(rows, np.int64).reshape(-1, len(_MEMBERS), 2)
 
 
-def _tar_key(shard: str, index: int) -> str:
-    """The key of sample `index` of a tar shard."""
-    with tarfile.open(shard) as archive:
-        return next(itertools.islice(_tar_groups(archive, read=False), index, None))[0]
+def _stated_sizes(shards: Sequence[str]) -> list[Optional[int]]:
+    """Each shard's sample count where the dataset states it, else None: OpenCLIP's `sizes.json` beside the shards
+    ({shard file name: count}), or img2dataset's `NAME_stats.json` beside the shard ("successes")."""
+    listed = {}
+    for folder in {os.path.dirname(shard) for shard in shards}:
+        try:
+            with open(os.path.join(folder, "sizes.json")) as file:
+                listed.update({os.path.join(folder, name): count for name, count in json.load(file).items()})
+        except (OSError, ValueError, AttributeError):
+            pass
+    sizes = []
+    for shard in shards:
+        size = listed.get(shard)
+        if size is None:
+            try:
+                with open(os.path.splitext(shard)[0] + "_stats.json") as file:
+                    size = json.load(file)["successes"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        sizes.append(int(size) if isinstance(size, int) and size >= 0 else None)
+    return sizes
+
+
+class _TarReader:
+    """Reads sample k of tar shards of known sizes: its image bytes and caption, where `_index_tar` locates them.
+
+    A shard is indexed when first read, and the indices of the most recently read `INDEXED` shards are kept (a
+    shard's index is 48 bytes per sample). tf.data calls it from several threads. A sample number that its shard
+    does not hold (its stated size was wrong) or a file that cannot be read gives an empty sample (skipped and
+    counted), with a warning for the shard.
+    """
+
+    OPEN_FILES = 16  # shards kept open, the most recently read
+    INDEXED = 64
+
+    def __init__(self, shards: Sequence[str], sizes: Sequence[int], indices: Mapping[int, np.ndarray]):
+        self.shards, self.sizes = shards, sizes
+        self.starts = np.cumsum([0] + list(sizes))
+        self.files: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self.indices: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict(indices)
+        self.lock = threading.Lock()
+
+    def _index(self, shard: int) -> np.ndarray:
+        with self.lock:
+            if shard in self.indices:
+                self.indices.move_to_end(shard)
+                return self.indices[shard]
+        try:
+            index = _index_tar(self.shards[shard])
+        except (ValueError, OSError) as error:
+            print(f"warning: {error}; its samples are skipped", flush=True)
+            index = np.zeros((0, len(_MEMBERS), 2), np.int64)
+        if len(index) != self.sizes[shard]:
+            print(f"warning: tar shard {self.shards[shard]} holds {len(index)} samples, not the {self.sizes[shard]} "
+                  "its sizes.json or _stats.json states; the difference is skipped: correct that count", flush=True)
+        with self.lock:
+            self.indices[shard] = index
+            while len(self.indices) > self.INDEXED:
+                self.indices.popitem(last=False)
+        return index
+
+    def _descriptor(self, shard: int) -> int:
+        with self.lock:
+            if shard not in self.files:
+                self.files[shard] = os.open(self.shards[shard], os.O_RDONLY)
+                if len(self.files) > self.OPEN_FILES:
+                    os.close(self.files.popitem(last=False)[1])
+            self.files.move_to_end(shard)
+            return self.files[shard]
+
+    def _shard(self, k: int) -> tuple[int, int]:
+        """(shard, number of the sample in it) of sample k."""
+        shard = int(np.searchsorted(self.starts, k, side="right")) - 1
+        return shard, k - int(self.starts[shard])
+
+    def sample(self, k: int) -> tuple[bytes, str]:
+        """The image bytes and caption of sample k."""
+        shard, number = self._shard(k)
+        index = self._index(shard)
+        if number >= len(index):
+            return b"", ""
+        members = [None] * len(_MEMBERS)
+        try:
+            descriptor = self._descriptor(shard)
+            for i, (offset, size) in enumerate(index[number]):
+                members[i] = os.pread(descriptor, int(size), int(offset)) if offset >= 0 else None
+        except OSError:
+            members[0] = None
+        return members[0] or b"", _caption(*members[1:])
+
+    def __call__(self, k: tf.Tensor) -> dict:
+        """Sample `k` as an example (a tf.data map)."""
+        def read(k):
+            image, caption = self.sample(int(k))
+            return image, caption.encode()
+        image, caption = tf.numpy_function(read, [k], (tf.string, tf.string), stateful=False)
+        return {"image": tf.reshape(image, []), "image_path": "", "captions": tf.reshape(caption, [1])}
+
+    def where(self, k: int) -> str:
+        """Where sample k is: its shard and key."""
+        shard, number = self._shard(k)
+        try:
+            with tarfile.open(self.shards[shard], "r:") as archive:
+                key = next(itertools.islice(_tar_groups(archive), number, None))[0]
+        except (*_TAR_ERRORS, StopIteration):
+            key = f"number {number}"
+        return f"{self.shards[shard]} sample {key!r}"
 
 
 def tar_source(pattern: str, *, process_index=None, process_count=None) -> Source:
     """WebDataset-style tar shards (as img2dataset writes them); process p reads shards p, p + P, ...
 
-    A shard cut short (a partial download) gives its samples before the cut, with a warning; a sample without
-    an image that decodes or without a caption is skipped and counted when training visits it.
+    A sample is read where it lies in its shard when it is drawn, so a resumed run skips to its position without
+    reading. Shard sizes come from OpenCLIP's `sizes.json` or img2dataset's `*_stats.json` beside the shards;
+    shards without either are indexed (their headers read) at the start. A shard cut short (a partial download)
+    gives its samples before the cut, with a warning; a sample without an image that decodes or without a
+    caption is skipped and counted when training visits it.
     """
     shards = sorted(glob.glob(os.path.expanduser(pattern)))
     if not shards:
@@ -376,15 +485,15 @@ def tar_source(pattern: str, *, process_index=None, process_count=None) -> Sourc
     mine = shards[process_index::process_count]
     if not mine:
         raise ValueError(f"{len(shards)} shards match {pattern!r}, fewer than the {process_count} processes")
-    examples = tf.data.Dataset.from_tensor_slices(mine).flat_map(
-        lambda shard: tf.data.Dataset.from_generator(_tar_samples, output_signature=_SIGNATURE, args=(shard,))
-    )
-    starts = np.cumsum([0] + [_count_tar_samples(shard) for shard in mine])
-
-    def where(k: int) -> str:
-        shard = int(np.searchsorted(starts, k, side="right")) - 1
-        return f"{mine[shard]} sample {_tar_key(mine[shard], k - int(starts[shard]))!r}"
-    return Source(pattern, examples, int(starts[-1]), where=where)
+    sizes, indices = _stated_sizes(mine), {}
+    unstated = [i for i, size in enumerate(sizes) if size is None]
+    for i in tqdm(unstated, desc="index tar shards", unit="shard", leave=False, disable=len(unstated) < 100):
+        indices[i] = _index_tar(mine[i])
+        sizes[i] = len(indices[i])
+    reader = _TarReader(mine, sizes, dict(list(indices.items())[-_TarReader.INDEXED:]))
+    references = tf.data.Dataset.range(int(sum(sizes)))
+    return Source(pattern, references.map(reader), int(sum(sizes)), where=reader.where, references=references,
+                  read=reader)
 
 
 def wds_source(path: str, *, split: str = "test", process_index=None, process_count=None) -> Source:

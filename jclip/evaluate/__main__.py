@@ -11,9 +11,9 @@ pairs FILE holds already are not evaluated again unless --reevaluate. --max_patc
 model at another token budget (give each budget its own --table).
 """
 
-from jclip.host_memory import reuse_freed_memory
+from jclip.host_memory import prepare_host
 
-reuse_freed_memory()  # before JAX starts its threads
+prepare_host()  # before JAX starts its threads
 
 from absl import flags  # noqa: E402
 

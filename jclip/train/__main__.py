@@ -4,9 +4,9 @@ Trains, resuming from the latest checkpoint in DIR if there is one, and
 evaluates at the end. `--multihost` joins a multi-process job.
 """
 
-from jclip.host_memory import reuse_freed_memory
+from jclip.host_memory import prepare_host
 
-reuse_freed_memory()  # before JAX starts its threads
+prepare_host()  # before JAX starts its threads
 
 from jclip import cli  # noqa: E402
 from jclip.train.loop import train  # noqa: E402

@@ -261,11 +261,19 @@ def set_up(config: ConfigDict, workdir: str) -> Run:
 def run_steps(run: Run, stop: StopRequested, bar: tqdm) -> tuple[int, Any]:
     """Stage 2: steps until `total_steps` or an agreed stop, with the periodic actions between them.
 
+    On CPU devices a step is queued only once the step before is done (its next batch is drawn
+    meanwhile), as XLA's CPU client allocates a step's temporary buffers when it is queued (see
+    `jclip.host_memory.synchronous_cpu_dispatch`, which the entry points apply to one CPU device).
+    Accelerators keep asynchronous dispatch.
+
     Returns the last step and its metrics (as the step returned them)."""
     config = run.config
     step, metrics = run.start_step, None
+    host_computes = run.mesh.devices.flat[0].platform == "cpu"
     while step < config.total_steps and not stop.reached(step):
         batch = next(run.batches)
+        if host_computes:
+            jax.block_until_ready(metrics)
         if run.teacher is not None:
             batch.update(run.teacher(batch))
         run.profiler.before(step)
@@ -311,10 +319,13 @@ def check_finite(run: Run, metrics: dict[str, float], step: int) -> None:
 
 
 def log_metrics(run: Run, step: int, metrics: dict[str, float], bar: tqdm) -> None:
-    """The step's metrics with throughput, learning rate and input counts, to metrics.jsonl, TensorBoard and the bar."""
+    """The step's metrics with throughput, learning rate and input counts, to metrics.jsonl, TensorBoard and the bar.
+
+    `skipped_examples` counts this process's draws skipped since the run began, resumes included: its position
+    less the examples its batches held."""
+    skipped = run.batches.position - step * (run.config.batch_size // jax.process_count())
     metrics = {**metrics, **run.throughput.read(), "learning_rate": float(run.schedule(step - 1)),
-               "seconds": run.seconds(), "skipped_examples": run.batches.skipped,
-               "left_out_examples": run.batches.left_out}
+               "seconds": run.seconds(), "skipped_examples": skipped, "left_out_examples": run.batches.left_out}
     run.writer.write(step, metrics)
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", samples_per_s=f"{metrics['samples_per_second']:.0f}")
 

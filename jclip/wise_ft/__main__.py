@@ -1,9 +1,9 @@
 """`python -m jclip.wise_ft --config CONFIG --pretrained P --finetuned F --workdir OUT [--alphas ...] [--tasks ...]
 [--select TASK/METRIC]`: WiSE-FT's weight-space mixtures evaluated, the best saved (see `jclip.wise_ft`)."""
 
-from jclip.host_memory import reuse_freed_memory
+from jclip.host_memory import prepare_host
 
-reuse_freed_memory()  # before JAX starts its threads
+prepare_host()  # before JAX starts its threads
 
 from absl import flags  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
