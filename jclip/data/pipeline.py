@@ -20,9 +20,10 @@ uninterrupted run would have seen.
   are the examples reading the sources per visit gives, in the same order).
 """
 
+import concurrent.futures
 import functools
 import itertools
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -194,8 +195,10 @@ class TrainInput:
     batches handed out so far (save it in checkpoints and pass it back as
     `start_position` to resume); `skipped` counts the examples among them dropped
     for an unreadable image or a missing caption, and warnings name the first
-    `NAMED_SKIPPED` of them (`Source.describe`). One batch more is prefetched
-    to the devices, so its transfer overlaps the step that runs before it.
+    `NAMED_SKIPPED` of them (`Source.describe`). The next batch is made (taken
+    from tf.data, tokenized, sent to the devices) in a thread, so that this work
+    overlaps the step that runs before it, also where the step runs synchronously
+    on the CPU (`jclip.host_memory.synchronous_cpu_dispatch`).
 
     The local batches come from one of the two `BatchSource`s (see above); from
     an `in_memory.TableBatches`, `left_out` counts the examples its table left
@@ -225,7 +228,9 @@ class TrainInput:
                                                   per_image=per_image, **common)
         self.left_out = self._source.left_out
         self._batches = self._source.batches.prefetch(2).with_options(input_options()).as_numpy_iterator()
-        self._ahead = None  # the next (global batch, position after it, skipped in it), prefetched
+        # The next (global batch, position after it, skipped in it), made in a thread while the caller steps.
+        self._ahead: Optional[concurrent.futures.Future] = None
+        self._maker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jclip-batches")
 
     def __iter__(self):
         return self
@@ -233,10 +238,10 @@ class TrainInput:
     def __next__(self) -> dict[str, jax.Array]:
         """The next global batch; the one after it is already on its way to the devices."""
         if self._ahead is None:
-            self._ahead = self._device_batch(self.position)
-        batch, self.position, skipped = self._ahead
+            self._ahead = self._maker.submit(self._device_batch, self.position)
+        batch, self.position, skipped = self._ahead.result()
         self.skipped += skipped
-        self._ahead = self._device_batch(self.position)
+        self._ahead = self._maker.submit(self._device_batch, self.position)
         return batch
 
     def _device_batch(self, position: int) -> tuple[dict[str, jax.Array], int, int]:
