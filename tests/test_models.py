@@ -231,3 +231,26 @@ def test_bfloat16_matmul_model_shards_exactly():
     # devices, or summed twice, is off by a factor. Not tighter: float32 sums ordered differently on
     # two devices move a cotangent across a bfloat16 rounding boundary (measured: 3e-4, text key kernel).
     assert_trees_close(grads_2, grads_1, rtol=0, atol_fraction=1e-3)
+
+
+@pytest.mark.parametrize("name, kind", [("ViT-B-32", "auto")] + [
+    (name, "explicit") for name in ("ViT-B-32", "ViT-B-16-SigLIP2", "shapes-tiny", "RN50", "coca_ViT-B-32")])
+def test_a_batch_sharded_over_a_mesh_gives_the_unsharded_values_and_gradients(name, kind):
+    """Users' own code puts a global batch on a mesh and calls the model under `jax.set_mesh`; the learned
+    tokens, masks and embedding lookups must take the batch's sharding (an explicit mesh refuses to guess)."""
+    model, params, images, tokens = initialised(name)
+
+    def loss(p, images, tokens):
+        out = model.apply(p, images, tokens)
+        return clip_loss(out["zimg"], out["ztxt"], out["scale"]), out["zimg"]
+
+    (value, zimg), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, images, tokens)
+    axis_type = {"explicit": jax.sharding.AxisType.Explicit, "auto": jax.sharding.AxisType.Auto}[kind]
+    mesh = jax.make_mesh((2,), (parallel.DATA_AXIS,), axis_types=(axis_type,), devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        batch = [jax.device_put(x, jax.NamedSharding(mesh, P(parallel.DATA_AXIS))) for x in (images, tokens)]
+        (sharded_value, sharded_zimg), sharded_grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, *batch)
+    assert sharded_zimg.sharding.spec[0] == parallel.DATA_AXIS
+    np.testing.assert_allclose(sharded_value, value, rtol=1e-5)
+    np.testing.assert_allclose(sharded_zimg, zimg, rtol=1e-5, atol=1e-6)
+    assert_trees_close(sharded_grads, grads, rtol=0, atol_fraction=1e-5)

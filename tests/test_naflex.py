@@ -126,9 +126,10 @@ def test_images_of_different_shapes_batch_together_each_as_it_embeds_alone():
         np.testing.assert_allclose(embedding, apply(variables, image[None])[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["jit", "shard_map"])
+@pytest.mark.parametrize("mode", ["jit", "explicit", "shard_map"])
 def test_sharded_patch_batches_embed_as_unsharded_ones(mode):
-    """Over 8 devices: a global batch that XLA partitions, or per-device code as the train step runs it."""
+    """Over 8 devices: a global batch that XLA partitions (under an auto or an explicit mesh), or per-device
+    code as the train step runs it."""
     rng = np.random.default_rng(4)
     model = models.create("test-micro")
     images = [rng.normal(size=(16 * rng.integers(1, 5), 16 * rng.integers(1, 5), 3)).astype(np.float32)
@@ -137,12 +138,14 @@ def test_sharded_patch_batches_embed_as_unsharded_ones(mode):
     variables = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32), np.zeros((1, 16), np.int32))
     encode = lambda v, x: model.apply(v, x, method=model.encode_image)
     unsharded = jax.jit(encode)(variables, batch)
-    mesh = jax.make_mesh((8,), (parallel.DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    axis_type = jax.sharding.AxisType.Explicit if mode == "explicit" else jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((8,), (parallel.DATA_AXIS,), axis_types=(axis_type,))
     sharded_batch = jax.device_put(batch, NamedSharding(mesh, P(parallel.DATA_AXIS)))
     if mode == "shard_map":
         encode = jax.shard_map(encode, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
                                out_specs=P(parallel.DATA_AXIS))
-    sharded = jax.jit(encode)(variables, sharded_batch)
+    with jax.set_mesh(mesh):
+        sharded = jax.jit(encode)(variables, sharded_batch)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(unsharded), rtol=1e-5, atol=1e-6)
 
 

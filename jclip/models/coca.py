@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jclip.models.clip import l2_normalize
 from jclip.models.decoding import beam_search
 from jclip.models.execution import ExecutionOptions
-from jclip.models.partitioning import initializer
+from jclip.models.partitioning import Embed, initializer, repeat_over_batch
 from jclip.models.transformer import (Encoder, EncoderBlock, attention, check_activation, dense, layer_norm,
                                       normalization)
 from jclip.models.vision import VisionTransformer
@@ -45,7 +45,7 @@ class AttentionalPooler(nn.Module):
                                                   self.options.logical_axes), (self.num_queries, self.width))
         queries = normalization(self.norm, self.norm_eps, self.options, "ln_q")(queries.astype(self.options.dtype))
         x = normalization(self.norm, self.norm_eps, self.options, "ln_k")(x)
-        queries = jnp.broadcast_to(queries, (x.shape[0], *queries.shape))
+        queries = repeat_over_batch(queries[None], x)
         return attention(self.num_heads, self.options, "attn")(queries, x)
 
 
@@ -110,17 +110,17 @@ class CoCaTextTower(nn.Module):
     def __call__(self, tokens):
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(f"tokens must be [batch, length <= {self.context_length}]; got shape {tokens.shape}")
-        batch, length = tokens.shape
+        length = tokens.shape[1]
         logical_axes = self.options.logical_axes
-        x = nn.Embed(self.vocab_size, self.width, dtype=self.options.dtype, name="token_embedding",
-                     embedding_init=initializer(nn.initializers.normal(0.02), ("vocab", "embed"), logical_axes))(tokens)
+        x = Embed(self.vocab_size, self.width, dtype=self.options.dtype, name="token_embedding",
+                  embedding_init=initializer(nn.initializers.normal(0.02), ("vocab", "embed"), logical_axes))(tokens)
         cls = self.param("cls_token", initializer(nn.initializers.normal(0.01), ("embed",), logical_axes),
                          (self.width,))
-        x = jnp.concatenate([x, jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype)], axis=1)
+        x = jnp.concatenate([x, repeat_over_batch(cls[None, None].astype(x.dtype), x)], axis=1)
         pos = self.param("pos_embedding", initializer(nn.initializers.normal(0.01), ("seq", "embed"), logical_axes),
                          (self.context_length + 1, self.width))
         x = x + pos[:length + 1].astype(x.dtype)
-        keys = jnp.concatenate([jnp.ones((batch, 1), bool), tokens != self.pad_id], axis=1)
+        keys = jnp.concatenate([repeat_over_batch(jnp.ones((1, 1), bool), tokens), tokens != self.pad_id], axis=1)
         mask = nn.combine_masks(nn.make_causal_mask(keys), keys[:, None, None, :])
         x = Encoder(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
                     norm_eps=self.norm_eps, options=self.options, name="encoder")(x, mask)

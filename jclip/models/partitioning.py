@@ -34,10 +34,11 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import struct
 from flax.core import meta
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 Initializer = Callable[..., jax.Array]
 
@@ -132,3 +133,53 @@ def vary_alike(*arrays):
     axes = set().union(*(jax.typeof(x).mat.varying for x in arrays))
     return tuple(lax.pcast(x, tuple(sorted(axes - jax.typeof(x).mat.varying)), to="varying")
                  if axes - jax.typeof(x).mat.varying else x for x in arrays)
+
+
+def repeat_over_batch(value: jax.Array, like: jax.Array) -> jax.Array:
+    """`value` [1, ...] (a learned token, a mask of ones) repeated over the batch of `like` [B, ...].
+
+    The result is sharded as `like` along the batch: under an explicit mesh, a
+    replicated parameter broadcast to [B, ...] stays replicated, and joining it
+    to a batch-sharded array (a concatenation, an attention) is a sharding error.
+    """
+    batch_zeros = jnp.zeros_like(like[(slice(None),) + (0,) * (like.ndim - 1)], dtype=value.dtype)
+    return value + jnp.expand_dims(batch_zeros, tuple(range(1, value.ndim)))
+
+
+def _explicit(sharding) -> bool:
+    return AxisType.Explicit in getattr(sharding.mesh, "axis_types", ())
+
+
+def batch_conv(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+    """`lax.conv_general_dilated` of a batch `lhs` [B, ...] (batch first, as NHWC), for `nn.Conv` too.
+
+    Under an explicit mesh JAX cannot type the kernel's gradient, a sum over the
+    sharded batch; the convolution then runs with automatic sharding, its output
+    sharded as the batch.
+    """
+    batch_spec = jax.typeof(lhs).sharding.spec[0] if _explicit(jax.typeof(lhs).sharding) else None
+    if batch_spec is None:
+        return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+    convolve = lambda lhs, rhs: lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+    return jax.sharding.auto_axes(convolve, out_sharding=P(batch_spec))(lhs, rhs)
+
+
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """`table[ids]`: rows of a replicated table (a token embedding) at integer `ids` [...] -> [..., width].
+
+    Under an explicit mesh the gather's output sharding is ambiguous, and JAX
+    asks for one: the rows are sharded as `ids` are.
+    """
+    sharding = jax.typeof(ids).sharding
+    if not _explicit(sharding):
+        return jnp.take(table, ids, axis=0)
+    return table.at[ids].get(out_sharding=P(*sharding.spec, None))
+
+
+class Embed(nn.Embed):
+    """`nn.Embed` (the same parameter) whose lookup works on batches sharded over an explicit mesh."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError(f"token ids must be integers; got {inputs.dtype}")
+        return take_rows(jnp.asarray(self.embedding, self.dtype), inputs)

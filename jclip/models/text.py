@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jclip.models.execution import ExecutionOptions
-from jclip.models.partitioning import initializer
+from jclip.models.partitioning import Embed, initializer
 from jclip.models.transformer import Encoder, check_option, dense, normalization
 
 POOLS = ("eos", "argmax", "last")
@@ -78,8 +78,8 @@ class TextTransformer(nn.Module):
         check_option("text position", self.position, POSITIONS)
         length = tokens.shape[1]
         logical_axes = self.options.logical_axes
-        x = nn.Embed(self.vocab_size, self.width, dtype=self.options.dtype, name="token_embedding",
-                     embedding_init=initializer(nn.initializers.normal(0.02), ("vocab", "embed"), logical_axes))(tokens)
+        x = Embed(self.vocab_size, self.width, dtype=self.options.dtype, name="token_embedding",
+                  embedding_init=initializer(nn.initializers.normal(0.02), ("vocab", "embed"), logical_axes))(tokens)
         if self.position == "learned":
             pos = self.param("pos_embedding", initializer(nn.initializers.normal(0.01), ("seq", "embed"),
                                                           logical_axes), (self.context_length, self.width))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jclip.models.execution import ExecutionOptions
-from jclip.models.partitioning import initializer
+from jclip.models.partitioning import batch_conv, initializer, repeat_over_batch
 from jclip.models.transformer import Encoder, MlpBlock, attention, dense, normalization
 
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "embed")
@@ -43,8 +43,7 @@ class PatchEmbedding(nn.Module):
         if x.ndim == 5:
             y = jnp.einsum("bnhwc,hwcd->bnd", x, kernel)
         else:
-            y = jax.lax.conv_general_dilated(x, kernel, (self.patch_size,) * 2, "VALID",
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = batch_conv(x, kernel, (self.patch_size,) * 2, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.width,)).astype(dtype)
         return y
@@ -68,10 +67,11 @@ class ConvStem(nn.Module):
         kernel_init = initializer(nn.linear.default_kernel_init, CONV_AXES, self.options.logical_axes)
         for i, channels in enumerate(self.channels):
             x = nn.Conv(channels, (3, 3), strides=2, padding="SAME", dtype=dtype, kernel_init=kernel_init,
-                        name=f"conv_{i}")(x)
+                        conv_general_dilated=batch_conv, name=f"conv_{i}")(x)
             x = nn.LayerNorm(dtype=dtype, name=f"norm_{i}")(x)
             x = nn.gelu(x)
-        return nn.Conv(self.width, (1, 1), dtype=dtype, kernel_init=kernel_init, name="proj")(x)
+        return nn.Conv(self.width, (1, 1), dtype=dtype, kernel_init=kernel_init, conv_general_dilated=batch_conv,
+                       name="proj")(x)
 
 
 def resize_weights(source: int, sizes: jax.Array, length: int) -> jax.Array:
@@ -125,10 +125,10 @@ class MAPHead(nn.Module):
     @nn.compact
     def __call__(self, x, mask: Optional[jax.Array] = None):
         """`mask`: [B, N], the tokens to pool (None: all)."""
-        batch, _, width = x.shape
+        width = x.shape[-1]
         latent = self.param("latent", initializer(nn.initializers.normal(width**-0.5), (None, "seq", "embed"),
                                                   self.options.logical_axes), (1, 1, width))
-        query = jnp.broadcast_to(latent, (batch, 1, width)).astype(x.dtype)
+        query = repeat_over_batch(latent.astype(x.dtype), x)
         mask = None if mask is None else mask[:, None, None]  # [B, heads, queries, keys]
         z = attention(self.num_heads, self.options, "attn")(query, x, mask=mask)
         y = normalization(self.norm, self.norm_eps, self.options, "ln")(z)
@@ -264,15 +264,14 @@ class VisionTransformer(nn.Module):
         tokens, which otherwise take on that role and show up as artefacts in
         the attention maps.
         """
-        batch, count, _ = x.shape
+        count = x.shape[1]
         if self.num_registers:
             registers = self.param("registers", initializer(nn.initializers.normal(self.width**-0.5),
                                                             (None, "seq", "embed"), self.options.logical_axes),
                                    (1, self.num_registers, self.width))
-            registers = jnp.broadcast_to(registers, (batch, self.num_registers, self.width)).astype(x.dtype)
-            x = jnp.concatenate([x, registers], axis=1)
+            x = jnp.concatenate([x, repeat_over_batch(registers.astype(x.dtype), x)], axis=1)
             if valid is not None:
-                valid = jnp.concatenate([valid, jnp.ones((batch, self.num_registers), bool)], axis=1)
+                valid = jnp.concatenate([valid, repeat_over_batch(jnp.ones((1, self.num_registers), bool), x)], axis=1)
         if self.ln_pre:
             x = normalization(self.norm, self.norm_eps, self.options, "ln_pre")(x)
         x = Encoder(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
@@ -292,7 +291,7 @@ class VisionTransformer(nn.Module):
             side = math.isqrt(tokens - num_prefix)
             patches = patch_positions(pos[0, num_prefix:].reshape(side, side, self.width), grid,
                                       x.shape[1] - num_prefix)
-            prefix = jnp.broadcast_to(pos[:, :num_prefix], (x.shape[0], num_prefix, self.width))
+            prefix = repeat_over_batch(pos[:, :num_prefix], x)
             return jnp.concatenate([prefix, patches.astype(pos.dtype)], axis=1)
         return resize_positions(pos, num_prefix, image_grid) if pos.shape[1] != x.shape[1] else pos
 
@@ -331,7 +330,7 @@ class VisionTransformer(nn.Module):
         if isinstance(images, Mapping):
             self._check_patch_input(images, train)
             patches, grid = images["patches"], images["grid"].astype(jnp.int32)
-            batch, count = patches.shape[:2]
+            count = patches.shape[1]
             x = self._stem(patches)
             valid = jnp.arange(count) < (grid[:, 0] * grid[:, 1])[:, None]
         else:
@@ -345,9 +344,9 @@ class VisionTransformer(nn.Module):
             cls = self.param("cls_token", initializer(nn.initializers.normal(self.width**-0.5),
                                                       (None, "seq", "embed"), self.options.logical_axes),
                              (1, 1, self.width))
-            x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
+            x = jnp.concatenate([repeat_over_batch(cls.astype(x.dtype), x), x], axis=1)
             if valid is not None:
-                valid = jnp.concatenate([jnp.ones((batch, 1), bool), valid], axis=1)
+                valid = jnp.concatenate([repeat_over_batch(jnp.ones((1, 1), bool), x), valid], axis=1)
         x = x + self._positions(x, num_prefix, grid, image_grid).astype(x.dtype)
         if train and self.patch_dropout > 0:
             x = self._drop_patches(x, num_prefix)
