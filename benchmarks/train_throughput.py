@@ -9,6 +9,8 @@ object with the figures.
     python benchmarks/train_throughput.py --model bench-small --batch 128 --precision fp32 --baseline open_clip
     python benchmarks/train_throughput.py --precision bf16 --baseline open_clip
     python benchmarks/train_throughput.py --batch 16 --scaling 1,2,4,8    # fixed per-device batch
+    python benchmarks/train_throughput.py --variant onednn:xla_flags=--xla_cpu_use_onednn=true \
+        --variant avx512:xla_flags=--xla_cpu_prefer_vector_width=512 --baseline open_clip
 
 Each measurement runs in its own process, so JAX and PyTorch never share
 thread pools and each one's memory is its own. `--baseline open_clip` builds
@@ -43,7 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--scaling", help="device counts, e.g. 1,2,4,8: the batch is per device")
     parser.add_argument("--variant", action="append", default=[],
                         help="extra jclip rows, NAME:KEY=VALUE,... of model options (e.g. remat:remat=True), "
-                             "or host_malloc=default (glibc's default allocator settings); repeatable")
+                             "or host_malloc=default (glibc's default allocator settings), or NAME:xla_flags=FLAGS "
+                             "(XLA flags for that row alone, e.g. onednn:xla_flags=--xla_cpu_use_onednn=true); "
+                             "repeatable")
     parser.add_argument("--worker", choices=("jclip", "open_clip"), help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--options", default="", help=argparse.SUPPRESS)
@@ -258,7 +262,13 @@ def measure_torch_matmul_peak(torch, device: str, precision: str) -> float:
 
 
 def run_worker(args, worker: str, devices: int = 1, options: str = "", flops_per_sample: float = 0.0) -> dict:
-    """One measurement in a fresh process; returns its JSON result."""
+    """One measurement in a fresh process; returns its JSON result.
+
+    Options that start with `xla_flags=` are XLA flags for this process, taken whole (XLA's own
+    lists use commas), so that one run compares XLA's CPU back-ends on the same step.
+    """
+    xla_flags = options.removeprefix("xla_flags=") if options.startswith("xla_flags=") else ""
+    options = "" if xla_flags else options
     command = [sys.executable, __file__, "--worker", worker, "--model", args.model, "--batch", str(args.batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
                "--devices", str(devices), "--options", options, "--flops-per-sample", str(flops_per_sample)]
@@ -266,8 +276,9 @@ def run_worker(args, worker: str, devices: int = 1, options: str = "", flops_per
         command += ["--scaling", args.scaling]
     environment = dict(os.environ)
     if devices > 1:
-        environment["XLA_FLAGS"] = (environment.get("XLA_FLAGS", "") +
-                                    f" --xla_force_host_platform_device_count={devices}").strip()
+        xla_flags += f" --xla_force_host_platform_device_count={devices}"
+    if xla_flags:
+        environment["XLA_FLAGS"] = f"{environment.get('XLA_FLAGS', '')} {xla_flags}".strip()
     completed = subprocess.run(command, env=environment, capture_output=True, text=True)
     if completed.returncode:
         sys.stderr.write(completed.stderr[-4000:])
