@@ -1,4 +1,5 @@
-"""Per-device temporary memory and forward+backward time of the losses: gathered vs ring vs blocked.
+"""Per-device temporary memory and forward+backward time of the losses: gathered vs ring vs blocked, and the
+ring with the embeddings travelling in bfloat16 (`ring_dtype`).
 
 Memory is XLA's compiled memory analysis (`temp_size_in_bytes`, per device), so it costs a
 compilation only; time is the median of `--repeats` forward+backward calls after one warm-up, for
@@ -44,6 +45,7 @@ def variants(devices, batch, block_size):
         ("ring", {"ring": True}),
         ("gathered+blocked", {"block_size": block_size}),
         ("ring+blocked", {"ring": True, "block_size": block_size}),
+        ("ring+blocked+bfloat16", {"ring": True, "block_size": block_size, "ring_dtype": "bfloat16"}),
     ]
 
 

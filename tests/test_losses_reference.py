@@ -55,6 +55,26 @@ def siglip_reference(x, y, scale, bias):
     return loss, (scale * dlogit @ y, scale * dlogit.T @ x, np.sum(dlogit * (x @ y.T)), np.sum(dlogit))
 
 
+def clip_reference_with_keys(x, y, scale, x_keys, y_keys):
+    """`clip_reference` without label smoothing whose logits take other keys: l = scale · x · y_keysᵀ for the
+    images' rows and scale · y · x_keysᵀ for the texts' (the positive term keeps x · y). Loss and gradients
+    (x, y, scale), the keys' gradients passed to the embeddings they stand for, float64."""
+    batch = len(x)
+    logits = scale * x @ y_keys.T, scale * y @ x_keys.T
+
+    def softmax(a):
+        e = np.exp(a - a.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    lse = lambda a: np.log(np.exp(a - a.max(axis=1, keepdims=True)).sum(axis=1)) + a.max(axis=1)
+    loss = (np.sum(lse(logits[0])) + np.sum(lse(logits[1])) - 2 * scale * np.sum(x * y)) / (2 * batch)
+    p_images, p_texts = softmax(logits[0]), softmax(logits[1])
+    dx = scale * (p_images @ y_keys + p_texts.T @ y - 2 * y) / (2 * batch)
+    dy = scale * (p_images.T @ x + p_texts @ x_keys - 2 * x) / (2 * batch)
+    dscale = (np.sum(p_images * (x @ y_keys.T)) + np.sum(p_texts * (y @ x_keys.T)) - 2 * np.sum(x * y)) / (2 * batch)
+    return loss, (dx, dy, dscale)
+
+
 def embeddings(kind, seed=0):
     rng = np.random.default_rng(seed)
     x, y = rng.normal(size=(2, BATCH, DIM))
@@ -203,6 +223,11 @@ RING_WITHOUT_DEVICES = "no mesh.*NamedSharding.*axis_name='data' inside jax.shar
         (lambda: siglip_loss(np.ones((6, 8)), np.ones((6, 8)), 1.0, 0.0, block_size=0), "block_size=0"),
         (lambda: clip_loss(np.ones((4, 8)), np.ones((4, 8)), np.ones(2)), r"scale.*\(2,\)"),
         (lambda: siglip_loss(np.ones((4, 8)), np.ones((4, 8)), 1.0, np.ones((2, 2))), r"bias.*\(2, 2\)"),
+        (lambda: clip_loss(np.ones((4, 8)), np.ones((4, 8)), 1.0, ring_dtype="bfloat16"),
+         "ring_dtype='bfloat16'.*set ring=True"),
+        (lambda: jax.vmap(lambda x, y: siglip_loss(x, y, 1.0, 0.0, axis_name="d", ring=True, ring_dtype="int8"),
+                          axis_name="d")(np.ones((2, 4, 8)), np.ones((2, 4, 8))),
+         "ring_dtype must be a floating-point type.*'int8'"),
     ],
 )
 def test_bad_input_raises_value_error(call, message):
@@ -227,3 +252,36 @@ def test_import_pulls_in_no_tensorflow_or_flax():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("mesh_kind", loss_checks.MESH_KINDS)
+@pytest.mark.parametrize("block_size", [None, 1])
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_a_bfloat16_ring_is_the_float64_loss_of_its_rounded_keys(loss_name, block_size, mesh_kind):
+    """`ring_dtype="bfloat16"` over 8 devices: the keys of each direction enter the logits rounded to bfloat16 and
+    everything else is float32, so the loss is the float64 loss of the rounded keys, to float32 precision; and
+    that differs measurably from the loss of the embeddings themselves."""
+    x, y = embeddings("normalised")
+    scale, bias = SCALES["normalised"]
+    rounded = lambda a: np.float32(a).astype(jnp.bfloat16).astype(np.float64)
+    options = dict(ring=True, block_size=block_size, ring_dtype="bfloat16")
+    if loss_name == "clip":
+        assert_close(clip_reference_with_keys(x, y, scale, x, y), clip_reference(x, y, scale, 0.0), rtol=1e-12)
+        loss = lambda x, y, scale, bias: clip_loss(x, y, scale, **options)
+        exact_value, exact_grads = clip_reference(x, y, scale, 0.0)
+        ref_value, ref_grads = clip_reference_with_keys(x, y, scale, rounded(x), rounded(y))
+        ref_grads, exact_grads = (*ref_grads, 0.0), (*exact_grads, 0.0)
+    else:
+        loss = lambda x, y, scale, bias: siglip_loss(x, y, scale, bias, **options)
+        exact_value, exact_grads = siglip_reference(x, y, scale, bias)
+        ref_value, ref_grads = siglip_reference(x, rounded(y), scale, bias)
+    # The rounding is visible at the tolerances below (else this test could not tell a ring without it).
+    assert abs(ref_value - exact_value) > 3e-5 * abs(exact_value)
+    with pytest.raises(AssertionError):
+        assert_close(exact_grads, ref_grads)
+    inputs = loss_checks.on_mesh({"x": np.float32(x), "y": np.float32(y), "scale": np.float32(scale),
+                                  "bias": np.float32(bias)}, ("x", "y"), mesh_kind)
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*inputs.values())
+    assert_close(value, ref_value, rtol=1e-5)
+    assert_close(grads, ref_grads)
+    loss_checks.assert_sharded_like(dict(zip(inputs, grads)), inputs)

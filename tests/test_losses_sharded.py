@@ -134,6 +134,21 @@ def test_tiles_of_query_rows_give_the_same_value_and_gradients(monkeypatch, devi
     assert_close(result, single_device(loss_name))
 
 
+@functools.cache
+def bfloat16_ring_on_one_device(loss_name):
+    return per_device("shard_map", 1, LOSSES[loss_name], ring=True, ring_dtype="bfloat16")(*data())
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("devices", [2, 8])
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_a_bfloat16_ring_gives_the_same_value_and_gradients_on_any_number_of_devices(mode, devices, loss_name):
+    """Every key enters the logits rounded, its own device's block too, so the split does not change the loss
+    (`test_losses_reference` checks that loss against float64)."""
+    result = per_device(mode, devices, LOSSES[loss_name], ring=True, block_size=2, ring_dtype="bfloat16")(*data())
+    assert_close(result, bfloat16_ring_on_one_device(loss_name))
+
+
 @pytest.mark.parametrize("tiling", ["gathered", "ring"])
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_unchecked_shard_map_follows_the_pmap_convention(loss_name, tiling):

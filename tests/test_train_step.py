@@ -86,11 +86,12 @@ def test_objective_is_the_weighted_sum_of_configured_losses():
         make_objective({"siglip": {}}, None)(without_bias, {}, jax.random.key(0))
 
 
-def test_sigmoid_objective_trains_the_bias_with_a_ring_loss():
+@pytest.mark.parametrize("ring_dtype", [None, "bfloat16"])
+def test_sigmoid_objective_trains_the_bias_with_a_ring_loss(ring_dtype):
     model = models.create("test-micro", init_bias=-10.0, init_scale=10.0)
     batch = random_batch(16)
     params = init_params(model, batch)
-    loss_spec = {"siglip": {"weight": 1.0, "ring": True}}
+    loss_spec = {"siglip": {"weight": 1.0, "ring": True, **({"ring_dtype": ring_dtype} if ring_dtype else {})}}
     loss_1, grads_1 = make_gradient_step(model, parallel.make_mesh(1), loss_spec)(params, batch)
     mesh = parallel.make_mesh(8)
     loss_8, grads_8 = make_gradient_step(model, mesh, loss_spec)(params, parallel.global_batch(batch, mesh))

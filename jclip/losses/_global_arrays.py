@@ -48,8 +48,9 @@ def over_batch_axes(*, batch, replicated=(), sharded_output=False):
             mesh, axis, explicit = layout
             options = {name: value for name, value in arguments.items() if name not in (*arrays, "axis_name")}
             # Input errors name the global shapes the caller passed, not the per-device ones (checked
-            # as on one device, where a ring is no ring).
+            # as on one device, where a ring is no ring and has no type of its own).
             whole = {**options, "ring": False} if "ring" in options else options
+            whole = {**whole, "ring_dtype": None} if "ring_dtype" in whole else whole
             jax.eval_shape(lambda values: loss(**whole, **values), jax.tree.map(_abstract, arrays))
             specs = {name: P(axis) if name in batch else P() for name in arrays}
             values = {name: _place(arrays[name], NamedSharding(mesh, specs[name]), explicit) for name in arrays}

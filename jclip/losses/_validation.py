@@ -15,6 +15,22 @@ def prepare_embeddings(zimg, ztxt, *, axis_name, ring, block_size):
     return zimg.astype(dtype), ztxt.astype(dtype), local_batch, batch
 
 
+def ring_type(ring_dtype, ring):
+    """`ring_dtype` as a NumPy floating dtype (None stays None); it needs `ring=True`."""
+    if ring_dtype is None:
+        return None
+    if not ring:
+        raise ValueError(f"ring_dtype={ring_dtype!r} is the type the embeddings travel in around the ring: set "
+                         f"ring=True, or leave ring_dtype=None")
+    try:
+        dtype = jnp.dtype(ring_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"ring_dtype must be a floating-point type such as 'bfloat16'; got {ring_dtype!r}")
+    return dtype
+
+
 def check_embeddings(zimg, ztxt):
     """Both embeddings must be 2-D `[batch, dim]` arrays of the same shape."""
     if jnp.ndim(zimg) != 2 or jnp.ndim(ztxt) != 2:

@@ -20,7 +20,10 @@ brings it home; the keys and their gradients travel a block at a time, each bloc
 used, so no second copy of them is in flight. `reduce_both_ways` runs the two directions of a symmetric
 loss through one custom VJP that accumulates both directions' gradients in one buffer per input: per
 device the ring then holds three `[b, dim]` arrays (the travelling keys, the two gradients) besides its
-inputs, 0.8 GiB at a global batch of 1,048,576 × 512 over 8 devices. Every step, the first included,
+inputs, 0.8 GiB at a global batch of 1,048,576 × 512 over 8 devices. With `ring_dtype` (bfloat16) the
+keys travel, and enter the logits, rounded to that type, while the queries, the logits, the sums and every
+gradient stay float32: half the bytes on the ring for the keys, and a travelling key buffer of half the
+size. Every step, the first included,
 runs inside the loops (the N-th shift of the keys in the forward ring only brings them home): a step
 peeled out of the loop would let XLA schedule two rings side by side.
 """
@@ -60,22 +63,23 @@ class BlockReduction(NamedTuple):
     share: Callable
 
 
-def reduce_over_keys(reduction, queries, keys, params, *, axis_name, ring, block_size):
+def reduce_over_keys(reduction, queries, keys, params, *, axis_name, ring, block_size, ring_dtype=None):
     """Per-row `total` of local `queries` `[b, dim]` over the keys of all devices.
 
     `keys` are this device's `[b, dim]` key rows; `params` a pytree of per-row arrays passed to the
-    block functions and differentiated like `queries`.
+    block functions and differentiated like `queries`; `ring_dtype`: the keys' type on the ring (None:
+    their own).
     """
     if ring:
-        return _tiled(reduction, queries, keys, params, axis_name, True, block_size)
+        return _tiled(reduction, queries, keys, params, axis_name, True, block_size, ring_dtype)
     keys = gather_rows(keys, axis_name)
     if block_size is None:
         first_row = first_global_row(queries.shape[0], axis_name)
         return reduction.finish(reduction.value(queries, keys, params, first_row, 0))
-    return _tiled(reduction, queries, keys, params, axis_name, False, block_size)
+    return _tiled(reduction, queries, keys, params, axis_name, False, block_size, None)
 
 
-def reduce_both_ways(reduction, a, b, params_a, params_b, *, axis_name, ring, block_size):
+def reduce_both_ways(reduction, a, b, params_a, params_b, *, axis_name, ring, block_size, ring_dtype=None):
     """(`reduce_over_keys` of rows `a` over keys `b` with `params_a`, and of rows `b` over keys `a` with
     `params_b`): the two directions of a symmetric loss. In the ring, the two share one custom VJP whose
     backward pass adds both directions' gradients into one buffer per input and passes both directions' keys
@@ -84,49 +88,50 @@ def reduce_both_ways(reduction, a, b, params_a, params_b, *, axis_name, ring, bl
         return tuple(reduce_over_keys(reduction, queries, keys, params, axis_name=axis_name, ring=ring,
                                       block_size=block_size)
                      for queries, keys, params in ((a, b, params_a), (b, a, params_b)))
-    return _tiled_both(reduction, a, b, params_a, params_b, axis_name, ring, block_size)
+    return _tiled_both(reduction, a, b, params_a, params_b, axis_name, ring, block_size, ring_dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6))
-def _tiled(reduction, queries, keys, params, axis_name, ring, block_size):
-    return _forward_pass(reduction, queries, keys, params, axis_name, ring, block_size)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6, 7))
+def _tiled(reduction, queries, keys, params, axis_name, ring, block_size, ring_dtype):
+    return _forward_pass(reduction, queries, keys, params, axis_name, ring, block_size, ring_dtype)
 
 
-def _tiled_forward(reduction, queries, keys, params, axis_name, ring, block_size):
-    total = _forward_pass(reduction, queries, keys, params, axis_name, ring, block_size)
+def _tiled_forward(reduction, queries, keys, params, axis_name, ring, block_size, ring_dtype):
+    total = _forward_pass(reduction, queries, keys, params, axis_name, ring, block_size, ring_dtype)
     return total, (queries, keys, params, total)
 
 
-def _tiled_backward(reduction, axis_name, ring, block_size, residuals, cotangent):
+def _tiled_backward(reduction, axis_name, ring, block_size, ring_dtype, residuals, cotangent):
     queries, keys, params, total = residuals
     zeros = (jnp.zeros_like(queries), jnp.zeros_like(keys), jax.tree.map(jnp.zeros_like, params))
-    return _backward_pass(reduction, queries, keys, params, total, cotangent, zeros, axis_name, ring, block_size)[1]
+    return _backward_pass(reduction, queries, keys, params, total, cotangent, zeros, axis_name, ring, block_size,
+                          ring_dtype)[1]
 
 
 _tiled.defvjp(_tiled_forward, _tiled_backward)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 5, 6, 7))
-def _tiled_both(reduction, a, b, params_a, params_b, axis_name, ring, block_size):
-    return (_forward_pass(reduction, a, b, params_a, axis_name, ring, block_size),
-            _forward_pass(reduction, b, a, params_b, axis_name, ring, block_size))
+@partial(jax.custom_vjp, nondiff_argnums=(0, 5, 6, 7, 8))
+def _tiled_both(reduction, a, b, params_a, params_b, axis_name, ring, block_size, ring_dtype):
+    return (_forward_pass(reduction, a, b, params_a, axis_name, ring, block_size, ring_dtype),
+            _forward_pass(reduction, b, a, params_b, axis_name, ring, block_size, ring_dtype))
 
 
-def _tiled_both_forward(reduction, a, b, params_a, params_b, axis_name, ring, block_size):
-    totals = _tiled_both(reduction, a, b, params_a, params_b, axis_name, ring, block_size)
+def _tiled_both_forward(reduction, a, b, params_a, params_b, axis_name, ring, block_size, ring_dtype):
+    totals = _tiled_both(reduction, a, b, params_a, params_b, axis_name, ring, block_size, ring_dtype)
     return totals, (a, b, params_a, params_b, totals)
 
 
-def _tiled_both_backward(reduction, axis_name, ring, block_size, residuals, cotangents):
+def _tiled_both_backward(reduction, axis_name, ring, block_size, ring_dtype, residuals, cotangents):
     a, b, params_a, params_b, (total_a, total_b) = residuals
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-    options = (axis_name, ring, block_size)
+    options = (axis_name, ring, block_size, ring_dtype)
     travelled, (da, db, dparams_a) = _backward_pass(reduction, a, b, params_a, total_a, cotangents[0],
                                                     (zeros(a), zeros(b), zeros(params_a)), *options)
     # The second ring's keys travel in the first ring's buffer, free once the first ring is done. Written
     # as a function of that buffer (`0 * travelled` is not folded away for floats), XLA cannot make the copy
     # early, which would hold a third [b, dim] buffer during the first ring.
-    keys = a + 0 * travelled
+    keys = _on_the_ring(a, ring_dtype) + 0 * travelled
     _, (db, da, dparams_b) = _backward_pass(reduction, b, a, params_b, total_b, cotangents[1],
                                             (db, da, zeros(params_b)), *options, travelling_keys=keys)
     return da, db, dparams_a, dparams_b
@@ -135,7 +140,11 @@ def _tiled_both_backward(reduction, axis_name, ring, block_size, residuals, cota
 _tiled_both.defvjp(_tiled_both_forward, _tiled_both_backward)
 
 
-def _forward_pass(reduction, queries, keys, params, axis_name, ring, block_size):
+def _on_the_ring(keys, ring_dtype):
+    return keys if ring_dtype is None else keys.astype(ring_dtype)
+
+
+def _forward_pass(reduction, queries, keys, params, axis_name, ring, block_size, ring_dtype):
     """Per-row `total` of `queries` over the keys: this device's (gathered) keys, or all devices' in turn."""
     first_row = first_global_row(queries.shape[0], axis_name)
     fold = partial(_fold_blocks, reduction, queries, params=params, first_row=first_row, block_size=block_size)
@@ -149,12 +158,13 @@ def _forward_pass(reduction, queries, keys, params, axis_name, ring, block_size)
             return fold(keys, total, first_column=(device - t) % devices * keys.shape[0],
                         send=partial(_to_next_device, axis_name=axis_name))
 
+        keys = _on_the_ring(keys, ring_dtype)
         total, _ = lax.fori_loop(0, devices, step, (reduction.identity(queries[:, 0]), keys))
     return reduction.finish(total)
 
 
 def _backward_pass(reduction, queries, keys, params, total, cotangent, accumulated, axis_name, ring, block_size,
-                   travelling_keys=None):
+                   ring_dtype, travelling_keys=None):
     """`accumulated` (gradients of the queries, the keys and `params`) plus those of `cotangent · total`; in
     the ring each key block's gradient travels with it, collecting every device's part, until the N-th
     shift brings both home."""
@@ -171,7 +181,8 @@ def _backward_pass(reduction, queries, keys, params, total, cotangent, accumulat
         return grads(keys, accumulated, first_column=(device - t) % devices * keys.shape[0],
                      send=partial(_to_next_device, axis_name=axis_name))
 
-    return lax.fori_loop(0, devices, step, (keys if travelling_keys is None else travelling_keys, accumulated))
+    keys = _on_the_ring(keys, ring_dtype) if travelling_keys is None else travelling_keys
+    return lax.fori_loop(0, devices, step, (keys, accumulated))
 
 
 def _query_tile(rows: int, block_size) -> int:
@@ -204,7 +215,7 @@ def _fold_blocks(reduction, queries, keys, total, *, params, first_row, first_co
         block = lax.dynamic_slice_in_dim(keys, c * size, size)
 
         def row_step(r, total):
-            tile = reduction.value(lax.dynamic_slice_in_dim(queries, r * rows, rows), block,
+            tile = reduction.value(lax.dynamic_slice_in_dim(queries, r * rows, rows), block.astype(queries.dtype),
                                    _rows(params, r * rows, rows), first_row + r * rows, first_column + c * size)
             return _put_rows(total, reduction.combine(_rows(total, r * rows, rows), tile), r * rows)
 
@@ -235,14 +246,15 @@ def _block_grads(reduction, queries, keys, accumulated, *, params, first_row, fi
                                        lax.dynamic_slice_in_dim(total, r * rows, rows))
 
             dqueries_r, dblock_r, dparams_r = jax.vjp(
-                share, lax.dynamic_slice_in_dim(queries, r * rows, rows), block, _rows(params, r * rows, rows)
+                share, lax.dynamic_slice_in_dim(queries, r * rows, rows), block.astype(queries.dtype),
+                _rows(params, r * rows, rows)
             )[1](lax.dynamic_slice_in_dim(cotangent, r * rows, rows))
             return (_put_rows(dqueries, _rows(dqueries, r * rows, rows) + dqueries_r, r * rows),
                     dblock + dblock_r,
                     _put_rows(dparams, _add(_rows(dparams, r * rows, rows), dparams_r), r * rows))
 
         dqueries, dblock, dparams = lax.fori_loop(0, queries.shape[0] // rows, row_step,
-                                                  (dqueries, jnp.zeros_like(block), dparams))
+                                                  (dqueries, jnp.zeros_like(block, queries.dtype), dparams))
         dblock = lax.dynamic_slice_in_dim(dkeys, c * size, size) + dblock
         if send is not None:
             block, dblock = send(block), send(dblock)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from jclip.losses._device_axis import global_sum
 from jclip.losses._global_arrays import over_batch_axes
-from jclip.losses._validation import as_scalar, prepare_embeddings
+from jclip.losses._validation import as_scalar, prepare_embeddings, ring_type
 from jclip.losses.blocks import BlockReduction, reduce_over_keys
 
 
@@ -28,7 +28,7 @@ SIGMOID_SUM = BlockReduction(
 
 
 @over_batch_axes(batch=("zimg", "ztxt"), replicated=("scale", "bias"))
-def siglip_loss(zimg, ztxt, scale, bias, *, axis_name=None, ring=False, block_size=None):
+def siglip_loss(zimg, ztxt, scale, bias, *, axis_name=None, ring=False, block_size=None, ring_dtype=None):
     """Sigmoid loss of SigLIP over the global batch of B pairs (Zhai et al. 2023, Eq. 1).
 
         loss = -(1/B) Σ_i Σ_j log σ(z_ij (scale · zimg_i · ztxt_j + bias)),
@@ -47,19 +47,24 @@ def siglip_loss(zimg, ztxt, scale, bias, *, axis_name=None, ring=False, block_si
       block_size: also split the columns each device scans into blocks of this many, with
         recomputation, so that even one device never holds `[b, B]` logits. Must divide the
         local batch with `ring`, the global batch without.
+      ring_dtype: with `ring`, the type the texts travel in (e.g. "bfloat16": half the bytes
+        passed between devices). They enter the logits rounded to it; the images, logits, sums
+        and gradients stay float32. None: the embeddings' own type.
 
     Returns:
       The scalar loss of the global batch; the same value and gradients for every choice of
-      devices, `ring` and `block_size`.
+      devices, `ring` and `block_size` (with `ring_dtype`, those of the rounded texts).
     """
     zimg, ztxt, _, batch = prepare_embeddings(zimg, ztxt, axis_name=axis_name, ring=ring, block_size=block_size)
     scale, bias = as_scalar(scale, "scale"), as_scalar(bias, "bias")
+    ring_dtype = ring_type(ring_dtype, ring)
     dtype = zimg.dtype
     queries = scale.astype(dtype) * zimg
     # One copy of the bias per local row, typed like the queries (device-varying under shard_map),
     # so that the tiled custom VJP returns its gradient per device and autodiff sums it.
     row_bias = bias.astype(dtype) + jnp.zeros_like(queries[:, 0])
     terms = reduce_over_keys(
-        SIGMOID_SUM, queries, ztxt, row_bias, axis_name=axis_name, ring=ring, block_size=block_size
+        SIGMOID_SUM, queries, ztxt, row_bias, axis_name=axis_name, ring=ring, block_size=block_size,
+        ring_dtype=ring_dtype,
     )
     return global_sum(jnp.sum(terms), axis_name) / batch

@@ -5,7 +5,7 @@ from jax import lax
 
 from jclip.losses._device_axis import global_sum
 from jclip.losses._global_arrays import over_batch_axes
-from jclip.losses._validation import as_scalar, prepare_embeddings
+from jclip.losses._validation import as_scalar, prepare_embeddings, ring_type
 from jclip.losses.blocks import BlockReduction, reduce_both_ways
 
 
@@ -50,7 +50,8 @@ LOG_SUM_EXP = BlockReduction(
 
 
 @over_batch_axes(batch=("zimg", "ztxt"), replicated=("scale",))
-def clip_loss(zimg, ztxt, scale, *, axis_name=None, ring=False, block_size=None, label_smoothing=0.0):
+def clip_loss(zimg, ztxt, scale, *, axis_name=None, ring=False, block_size=None, label_smoothing=0.0,
+              ring_dtype=None):
     """Symmetric InfoNCE of CLIP over the global batch of B pairs (Radford et al. 2021, Fig. 3).
 
     With logits l_ij = scale · zimg_i · ztxt_j, the loss is the mean of the image→text and
@@ -71,17 +72,21 @@ def clip_loss(zimg, ztxt, scale, *, axis_name=None, ring=False, block_size=None,
         log-sum-exp, recomputation), so that even one device never holds `[b, B]` logits. Must
         divide the local batch with `ring`, the global batch without.
       label_smoothing: ε above, a Python float.
+      ring_dtype: with `ring`, the type the embeddings travel in (e.g. "bfloat16": half the bytes
+        passed between devices). Each direction's keys enter the logits rounded to it; queries,
+        logits, sums and gradients stay float32. None: the embeddings' own type.
 
     Returns:
       The scalar loss of the global batch; the same value and gradients for every choice of
-      devices, `ring` and `block_size`.
+      devices, `ring` and `block_size` (with `ring_dtype`, those of the rounded keys).
     """
     zimg, ztxt, _, batch = prepare_embeddings(zimg, ztxt, axis_name=axis_name, ring=ring, block_size=block_size)
     scale = as_scalar(scale, "scale").astype(zimg.dtype)
+    ring_dtype = ring_type(ring_dtype, ring)
 
     row_scale = jnp.broadcast_to(scale, zimg.shape[:1])
     log_sum_exps = reduce_both_ways(LOG_SUM_EXP, zimg, ztxt, row_scale, row_scale, axis_name=axis_name, ring=ring,
-                                    block_size=block_size)
+                                    block_size=block_size, ring_dtype=ring_dtype)
     positive = scale * jnp.sum(zimg * ztxt, axis=1)  # l_ii, the same in both directions
     local = jnp.sum(log_sum_exps[0] + log_sum_exps[1] - 2 * (1.0 - label_smoothing) * positive)
     if label_smoothing:
