@@ -15,7 +15,8 @@ Stages, in order (the benchmarks first, on a quiet machine):
 - env: CPU, accelerator, driver and package versions, and the error of a
   float32 matmul against float64 at JAX's default matmul precision and at
   "highest" (XLA may use TF32 for float32 matmuls on a GPU).
-- throughput_bf16: benchmarks/train_throughput.py, ViT-B/16, bf16, against OpenCLIP, with MFU.
+- throughput_bf16: benchmarks/train_throughput.py, ViT-B/16, bf16, against OpenCLIP, with MFU and the
+  time of each stage (forward, backward, update).
 - loss_memory: benchmarks/loss_memory.py up to a global batch of 65,536 on the
   accelerators this machine has (memory and forward+backward time).
 - loss_tests, train_step_tests (on the accelerator, one device: the tests that
@@ -91,7 +92,7 @@ class Settings:
 
 FULL = Settings(
     budget=270,
-    throughput=("--model", "ViT-B-16", "--steps", "10", "--warmup", "3"),
+    throughput=("--model", "ViT-B-16", "--steps", "10", "--warmup", "3", "--stages"),
     bf16_batch=256,
     fp32_batch=128,
     baseline=True,
@@ -107,7 +108,7 @@ FULL = Settings(
 )
 TINY = Settings(
     budget=300,
-    throughput=("--model", "bench-small", "--steps", "2", "--warmup", "0"),
+    throughput=("--model", "bench-small", "--steps", "2", "--warmup", "0", "--stages"),
     bf16_batch=4,
     fp32_batch=None,
     baseline=False,

@@ -11,6 +11,7 @@ object with the figures.
     python benchmarks/train_throughput.py --batch 16 --scaling 1,2,4,8    # fixed per-device batch
     python benchmarks/train_throughput.py --variant onednn:xla_flags=--xla_cpu_use_onednn=true \
         --variant avx512:xla_flags=--xla_cpu_prefer_vector_width=512 --baseline open_clip
+    python benchmarks/train_throughput.py --baseline open_clip --stages   # where a slower step loses its time
 
 Each measurement runs in its own process, so JAX and PyTorch never share
 thread pools and each one's memory is its own. `--baseline open_clip` builds
@@ -48,6 +49,10 @@ def parse_args(argv=None):
                              "or host_malloc=default (glibc's default allocator settings), or NAME:xla_flags=FLAGS "
                              "(XLA flags for that row alone, e.g. onednn:xla_flags=--xla_cpu_use_onednn=true); "
                              "repeatable")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time the forward pass (with the loss) and forward + backward alone, and print "
+                             "each stage's time beside OpenCLIP's: backward = the difference, the optimizer update "
+                             "= the step less forward + backward")
     parser.add_argument("--worker", choices=("jclip", "open_clip"), help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--options", default="", help=argparse.SUPPRESS)
@@ -129,6 +134,18 @@ def jclip_worker(args) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
 
+    stages = {}
+    if args.stages:
+        from jclip.losses import clip_loss
+        from jclip.train.step import make_gradient_step
+
+        def forward(params, batch):
+            out = model.apply({"params": params}, batch["image"], batch["tokens"])
+            return clip_loss(out["zimg"], out["ztxt"], out["scale"])
+
+        stages = {"forward": median_call_time(jax.jit(forward), (state.params, batch), args),
+                  "forward+backward": median_call_time(make_gradient_step(model, mesh), (state.params, batch), args)}
+
     platform = jax.devices()[0].platform
     peak = measure_jax_matmul_peak(args.precision, MATMUL_SIZE.get(platform, 2048))
     if platform != "cpu":  # simulated CPU devices share the host's cores; accelerators add up
@@ -141,8 +158,22 @@ def jclip_worker(args) -> dict:
     result.update(peak_memory_mib=stats.get("peak_bytes_in_use", 0) / 2**20 or peak_memory_mib(),
                   compile_s=compile_s, loss=float(metrics["loss"]), device=jax.devices()[0].device_kind,
                   devices=args.devices, batch=batch_size,
-                  parameters=sum(x.size for x in jax.tree.leaves(state.params)))
+                  parameters=sum(x.size for x in jax.tree.leaves(state.params)), stages=stages)
     return result
+
+
+def median_call_time(function, arguments, args) -> float:
+    """Median seconds of `function(*arguments)` (JAX), after compilation and `args.warmup` calls."""
+    import jax
+
+    for _ in range(1 + args.warmup):
+        jax.block_until_ready(function(*arguments))
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        jax.block_until_ready(function(*arguments))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def random_tokens(rng, batch: int, length: int, vocab_size: int):
@@ -229,22 +260,44 @@ def open_clip_worker(args) -> dict:
             model.logit_scale.clamp_(0, np.log(100))
         return loss
 
-    for _ in range(1 + args.warmup):
-        step()
-    synchronize()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        loss = step()
+    def forward():
+        with torch.no_grad(), autocast:
+            out = model(images, tokens)
+            return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+
+    def forward_backward():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(images, tokens)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        loss.backward()
+        return loss
+
+    def timed(run):
+        """(seconds of each of `args.steps` calls of `run` after warm-up, the last call's result)."""
+        for _ in range(1 + args.warmup):
+            run()
         synchronize()
-        times.append(time.perf_counter() - start)
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            result = run()
+            synchronize()
+            times.append(time.perf_counter() - start)
+        return times, result
+
+    times, loss = timed(step)
+    stages = {}
+    if args.stages:
+        stages = {"forward": statistics.median(timed(forward)[0]),
+                  "forward+backward": statistics.median(timed(forward_backward)[0])}
     peak = measure_torch_matmul_peak(torch, device, args.precision)
     flops = args.flops_per_sample
     result = summarize_times(times, args.batch, flops, peak)
     memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_memory_mib()
     result.update(peak_memory_mib=memory, loss=float(loss), device=device, devices=1, batch=args.batch,
                   parameters=sum(p.numel() for p in model.parameters()), torch=torch.__version__,
-                  open_clip=open_clip.__version__)
+                  open_clip=open_clip.__version__, stages=stages)
     return result
 
 
@@ -272,6 +325,8 @@ def run_worker(args, worker: str, devices: int = 1, options: str = "", flops_per
     command = [sys.executable, __file__, "--worker", worker, "--model", args.model, "--batch", str(args.batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
                "--devices", str(devices), "--options", options, "--flops-per-sample", str(flops_per_sample)]
+    if args.stages:
+        command.append("--stages")
     if args.scaling:
         command += ["--scaling", args.scaling]
     environment = dict(os.environ)
@@ -300,6 +355,27 @@ def print_table(rows: list[tuple[str, dict]], baseline: str = None) -> None:
         line = f"{name:<{width}}" + "".join(f"{f.format(result[k]):>14}" for k, f in zip(keys, formats))
         if reference:
             line += f"{result['samples_per_s'] / reference['samples_per_s']:>15.2f}x"
+        print(line)
+
+
+def print_stages(rows: list[tuple[str, dict]]) -> None:
+    """Milliseconds per stage of jclip's step and OpenCLIP's, and jclip's speed against OpenCLIP on each
+    stage (OpenCLIP's time / jclip's, as the main table's ratio)."""
+    results = dict(rows)
+    names = [name for name in ("jclip", "open_clip") if results.get(name, {}).get("stages")]
+
+    def stage_times(result):
+        forward, both, step = result["stages"]["forward"], result["stages"]["forward+backward"], result["median_step_s"]
+        return {"forward + loss": forward, "backward": both - forward, "optimizer update": step - both, "step": step}
+
+    times = {name: stage_times(results[name]) for name in names}
+    print("\nms per stage (forward + loss and forward + backward timed alone; backward and the update by difference)")
+    print(f"{'':<18}" + "".join(f"{name:>12}" for name in names) + ("  jclip vs open_clip" if len(names) == 2 else ""))
+    for stage in times["jclip"]:  # a difference below the timing noise shows as "~0"
+        line = f"{stage:<18}" + "".join(f"{1e3 * times[name][stage]:>12.0f}" if times[name][stage] > 0
+                                        else f"{'~0':>12}" for name in names)
+        if len(names) == 2 and min(times[name][stage] for name in names) > 0:
+            line += f"{times['open_clip'][stage] / times['jclip'][stage]:>20.2f}x"
         print(line)
 
 
@@ -350,6 +426,8 @@ def main():
         print(f"\n{args.model}, batch {args.batch}, {args.precision}, on {rows[0][1]['device']}; "
               f"median of {args.steps} steps; matmul peak {rows[0][1]['peak_gflops_per_s']:.0f} GFLOP/s")
         print_table(rows, "open_clip" if args.baseline else None)
+        if args.stages:
+            print_stages(rows)
         summary.update(rows[0][1])
         summary["rows"] = dict(rows)
         if args.baseline:
