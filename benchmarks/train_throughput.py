@@ -249,17 +249,6 @@ def open_clip_worker(args) -> dict:
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            out = model(images, tokens)
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))
-        return loss
-
     def forward():
         with torch.no_grad(), autocast:
             out = model(images, tokens)
@@ -271,6 +260,13 @@ def open_clip_worker(args) -> dict:
             out = model(images, tokens)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         loss.backward()
+        return loss
+
+    def step():
+        loss = forward_backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
         return loss
 
     def timed(run):

@@ -133,6 +133,17 @@ def test_siglip_loss_matches_reference(kind, tiling):
     assert_close(grads, ref_grads)
 
 
+def assert_global_arrays_match(loss, x, y, scale, bias, mesh_kind, ref_value, ref_grads):
+    """`loss(x, y, scale, bias)` in float32 on global arrays (x, y split over 8 devices): the reference's value
+    and gradients, the gradients laid out like the inputs."""
+    inputs = loss_checks.on_mesh({"x": np.float32(x), "y": np.float32(y), "scale": np.float32(scale),
+                                  "bias": np.float32(bias)}, ("x", "y"), mesh_kind)
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*inputs.values())
+    assert_close(value, ref_value, rtol=1e-5)
+    assert_close(grads, ref_grads)
+    loss_checks.assert_sharded_like(dict(zip(inputs, grads)), inputs)
+
+
 GLOBAL_TILINGS = {**TILINGS, "ring": {"ring": True}, "ring+block_size=1": {"ring": True, "block_size": 1}}
 
 
@@ -151,12 +162,7 @@ def test_losses_on_global_arrays_match_reference(loss_name, tiling, mesh_kind):
     else:
         loss = lambda x, y, scale, bias: siglip_loss(x, y, scale, bias, **GLOBAL_TILINGS[tiling])
         ref_value, ref_grads = siglip_reference(x, y, scale, bias)
-    inputs = loss_checks.on_mesh({"x": np.float32(x), "y": np.float32(y), "scale": np.float32(scale),
-                                  "bias": np.float32(bias)}, ("x", "y"), mesh_kind)
-    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*inputs.values())
-    assert_close(value, ref_value, rtol=1e-5)
-    assert_close(grads, ref_grads)
-    loss_checks.assert_sharded_like(dict(zip(inputs, grads)), inputs)
+    assert_global_arrays_match(loss, x, y, scale, bias, mesh_kind, ref_value, ref_grads)
 
 
 def test_reference_detects_a_wrong_loss():
@@ -223,7 +229,7 @@ RING_WITHOUT_DEVICES = "no mesh.*NamedSharding.*axis_name='data' inside jax.shar
         (lambda: siglip_loss(np.ones((6, 8)), np.ones((6, 8)), 1.0, 0.0, block_size=0), "block_size=0"),
         (lambda: clip_loss(np.ones((4, 8)), np.ones((4, 8)), np.ones(2)), r"scale.*\(2,\)"),
         (lambda: siglip_loss(np.ones((4, 8)), np.ones((4, 8)), 1.0, np.ones((2, 2))), r"bias.*\(2, 2\)"),
-        (lambda: clip_loss(np.ones((4, 8)), np.ones((4, 8)), 1.0, ring_dtype="bfloat16"),
+        (lambda: clip_loss(np.ones((4, 8), np.float32), np.ones((4, 8), np.float32), 1.0, ring_dtype="bfloat16"),
          "ring_dtype='bfloat16'.*set ring=True"),
         (lambda: jax.vmap(lambda x, y: siglip_loss(x, y, 1.0, 0.0, axis_name="d", ring=True, ring_dtype="int8"),
                           axis_name="d")(np.ones((2, 4, 8)), np.ones((2, 4, 8))),
@@ -279,9 +285,4 @@ def test_a_bfloat16_ring_is_the_float64_loss_of_its_rounded_keys(loss_name, bloc
     assert abs(ref_value - exact_value) > 3e-5 * abs(exact_value)
     with pytest.raises(AssertionError):
         assert_close(exact_grads, ref_grads)
-    inputs = loss_checks.on_mesh({"x": np.float32(x), "y": np.float32(y), "scale": np.float32(scale),
-                                  "bias": np.float32(bias)}, ("x", "y"), mesh_kind)
-    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*inputs.values())
-    assert_close(value, ref_value, rtol=1e-5)
-    assert_close(grads, ref_grads)
-    loss_checks.assert_sharded_like(dict(zip(inputs, grads)), inputs)
+    assert_global_arrays_match(loss, x, y, scale, bias, mesh_kind, ref_value, ref_grads)

@@ -28,6 +28,12 @@ parameter when it reads it. Gathering happens per layer, at the point of use
 (and again in the backward pass of a rematerialised block), and the gradient of
 the all-gather is a reduce-scatter: every device receives the summed gradient
 of its own shard only.
+
+The models also run on a global batch sharded over an explicit mesh, where JAX
+must know every result's sharding: `repeat_over_batch` (learned tokens and
+masks joined to the batch), `Embed` (token lookups) and `batch_conv`
+(convolutions and their kernel gradients) give it. Elsewhere they are the
+plain operations.
 """
 
 from typing import Any, Callable, Sequence
