@@ -143,8 +143,9 @@ def jclip_worker(args) -> dict:
             out = model.apply({"params": params}, batch["image"], batch["tokens"])
             return clip_loss(out["zimg"], out["ztxt"], out["scale"])
 
-        stages = {"forward": median_call_time(jax.jit(forward), (state.params, batch), args),
-                  "forward+backward": median_call_time(make_gradient_step(model, mesh), (state.params, batch), args)}
+        timed = lambda function: statistics.median(call_times(
+            lambda: jax.block_until_ready(function(state.params, batch)), args.warmup, args.steps)[0])
+        stages = {"forward": timed(jax.jit(forward)), "forward+backward": timed(make_gradient_step(model, mesh))}
 
     platform = jax.devices()[0].platform
     peak = measure_jax_matmul_peak(args.precision, MATMUL_SIZE.get(platform, 2048))
@@ -162,18 +163,17 @@ def jclip_worker(args) -> dict:
     return result
 
 
-def median_call_time(function, arguments, args) -> float:
-    """Median seconds of `function(*arguments)` (JAX), after compilation and `args.warmup` calls."""
-    import jax
-
-    for _ in range(1 + args.warmup):
-        jax.block_until_ready(function(*arguments))
-    times = []
-    for _ in range(args.steps):
+def call_times(run, warmup: int, steps: int) -> tuple[list[float], object]:
+    """(seconds of each of `steps` calls of `run` after `1 + warmup` untimed ones (compilation, warm-up), the
+    last call's result). `run` must wait for its work to finish."""
+    for _ in range(1 + warmup):
+        run()
+    times, result = [], None
+    for _ in range(steps):
         start = time.perf_counter()
-        jax.block_until_ready(function(*arguments))
+        result = run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times, result
 
 
 def random_tokens(rng, batch: int, length: int, vocab_size: int):
@@ -270,17 +270,11 @@ def open_clip_worker(args) -> dict:
         return loss
 
     def timed(run):
-        """(seconds of each of `args.steps` calls of `run` after warm-up, the last call's result)."""
-        for _ in range(1 + args.warmup):
-            run()
-        synchronize()
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
+        def synchronized():
             result = run()
             synchronize()
-            times.append(time.perf_counter() - start)
-        return times, result
+            return result
+        return call_times(synchronized, args.warmup, args.steps)
 
     times, loss = timed(step)
     stages = {}

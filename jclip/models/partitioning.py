@@ -31,7 +31,7 @@ of its own shard only.
 
 The models also run on a global batch sharded over an explicit mesh, where JAX
 must know every result's sharding: `repeat_over_batch` (learned tokens and
-masks joined to the batch), `Embed` (token lookups) and `batch_conv`
+masks joined to the batch), `Embed` (token lookups) and `Conv` / `batch_conv`
 (convolutions and their kernel gradients) give it. Elsewhere they are the
 plain operations.
 """
@@ -168,6 +168,12 @@ def batch_conv(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
         return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
     convolve = lambda lhs, rhs: lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
     return jax.sharding.auto_axes(convolve, out_sharding=P(batch_spec))(lhs, rhs)
+
+
+class Conv(nn.Conv):
+    """`nn.Conv` (the same parameters) whose convolution works on batches sharded over an explicit mesh."""
+
+    conv_general_dilated: Callable = batch_conv
 
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jclip.models.execution import ExecutionOptions
-from jclip.models.partitioning import batch_conv, initializer
+from jclip.models.partitioning import Conv, initializer
 from jclip.models.transformer import attention
 from jclip.models.vision import CONV_AXES
 
@@ -63,8 +63,8 @@ class Bottleneck(nn.Module):
         dtype, kernel_init = self.options.dtype, conv_kernel_init(self.options)
 
         def conv(features, size, name):
-            return nn.Conv(features, (size, size), padding=[(size // 2, size // 2)] * 2, use_bias=False,
-                           dtype=dtype, kernel_init=kernel_init, conv_general_dilated=batch_conv, name=name)
+            return Conv(features, (size, size), padding=[(size // 2, size // 2)] * 2, use_bias=False,
+                        dtype=dtype, kernel_init=kernel_init, name=name)
 
         out = nn.relu(FrozenBatchNorm(dtype=dtype, name="bn1")(conv(self.planes, 1, "conv1")(x)))
         out = nn.relu(FrozenBatchNorm(dtype=dtype, name="bn2")(conv(self.planes, 3, "conv2")(out)))
@@ -122,8 +122,8 @@ class ModifiedResNet(nn.Module):
         dtype, kernel_init = self.options.dtype, conv_kernel_init(self.options)
         x = images.astype(dtype)
         for i, (features, stride) in enumerate([(self.width // 2, 2), (self.width // 2, 1), (self.width, 1)], 1):
-            x = nn.Conv(features, (3, 3), strides=stride, padding=[(1, 1), (1, 1)], use_bias=False, dtype=dtype,
-                        kernel_init=kernel_init, conv_general_dilated=batch_conv, name=f"stem_conv{i}")(x)
+            x = Conv(features, (3, 3), strides=stride, padding=[(1, 1), (1, 1)], use_bias=False, dtype=dtype,
+                     kernel_init=kernel_init, name=f"stem_conv{i}")(x)
             x = nn.relu(FrozenBatchNorm(dtype=dtype, name=f"stem_bn{i}")(x))
         x = avg_pool(x, 2)
         block = nn.remat(Bottleneck) if self.options.remat else Bottleneck

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jclip.models.execution import ExecutionOptions
-from jclip.models.partitioning import batch_conv, initializer, repeat_over_batch
+from jclip.models.partitioning import Conv, batch_conv, initializer, repeat_over_batch
 from jclip.models.transformer import Encoder, MlpBlock, attention, dense, normalization
 
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "embed")
@@ -66,12 +66,11 @@ class ConvStem(nn.Module):
         dtype = self.options.dtype
         kernel_init = initializer(nn.linear.default_kernel_init, CONV_AXES, self.options.logical_axes)
         for i, channels in enumerate(self.channels):
-            x = nn.Conv(channels, (3, 3), strides=2, padding="SAME", dtype=dtype, kernel_init=kernel_init,
-                        conv_general_dilated=batch_conv, name=f"conv_{i}")(x)
+            x = Conv(channels, (3, 3), strides=2, padding="SAME", dtype=dtype, kernel_init=kernel_init,
+                     name=f"conv_{i}")(x)
             x = nn.LayerNorm(dtype=dtype, name=f"norm_{i}")(x)
             x = nn.gelu(x)
-        return nn.Conv(self.width, (1, 1), dtype=dtype, kernel_init=kernel_init, conv_general_dilated=batch_conv,
-                       name="proj")(x)
+        return Conv(self.width, (1, 1), dtype=dtype, kernel_init=kernel_init, name="proj")(x)
 
 
 def resize_weights(source: int, sizes: jax.Array, length: int) -> jax.Array:
