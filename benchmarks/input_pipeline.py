@@ -112,15 +112,13 @@ def torchvision_images_per_second(samples, tokenizer, batch: int, batches: int, 
 
 
 def images_per_second(source, tokenizer, batch: int, batches: int) -> float:
-    stream = pipeline.TrainInput(
-        [(source, 1.0)], tokenizer, parallel.make_mesh(), batch_size=batch, text_length=77, seed=0,
-        shuffle_buffer=1000, image_preprocess=SPEC,
-    )
-    next(stream)  # warm-up: graph building, first shuffle buffer
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(stream)
-    return batches * batch / (time.perf_counter() - start)
+    with pipeline.TrainInput([(source, 1.0)], tokenizer, parallel.make_mesh(), batch_size=batch, text_length=77,
+                             seed=0, shuffle_buffer=1000, image_preprocess=SPEC) as stream:
+        next(stream)  # warm-up: graph building, first shuffle buffer
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(stream)
+        return batches * batch / (time.perf_counter() - start)
 
 
 def train_step_images_per_second(model_name: str, batch: int, steps: int) -> float:

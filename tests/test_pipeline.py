@@ -69,6 +69,7 @@ def read(sources, tokenizer, start=0, batches=3, batch_size=8, spec="decode|resi
         batch = {k: np.asarray(v) for k, v in next(stream).items()}
         assert batch["image"].dtype == preprocess.batch_image_dtype(spec)
         out.append({**batch, "image": finish(batch["image"])})
+    stream.close()
     return out, stream
 
 
@@ -113,9 +114,9 @@ def test_resume_continues_with_the_next_batch_exactly(csv_file, tar_shards, toke
     for a, b in zip(straight, first + resumed):
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
         np.testing.assert_array_equal(a["image"], b["image"])
-    other_seed = pipeline.TrainInput(sources, tokenizer, parallel.make_mesh(), batch_size=8, text_length=16, seed=6,
-                                     shuffle_buffer=100, image_preprocess=spec)
-    assert not np.array_equal(np.asarray(next(other_seed)["tokens"]), straight[0]["tokens"])
+    with pipeline.TrainInput(sources, tokenizer, parallel.make_mesh(), batch_size=8, text_length=16, seed=6,
+                             shuffle_buffer=100, image_preprocess=spec) as other_seed:
+        assert not np.array_equal(np.asarray(next(other_seed)["tokens"]), straight[0]["tokens"])
 
 
 def test_a_resumed_tar_stream_reads_only_what_it_draws(tmp_path, tokenizer, monkeypatch):
@@ -305,10 +306,10 @@ def test_hard_negatives_perturb_order_and_binding():
 
 
 def test_batches_carry_hard_negative_tokens(tar_shards, tokenizer):
-    stream = pipeline.TrainInput([(tar_source(tar_shards), 1.0)], tokenizer, parallel.make_mesh(), batch_size=8,
-                                 text_length=16, seed=0, shuffle_buffer=100, image_preprocess="decode|resize(8)",
-                                 negative_kinds=("swap_words", "shuffle_trigrams"))
-    batch = {k: np.asarray(v) for k, v in next(stream).items()}
+    with pipeline.TrainInput([(tar_source(tar_shards), 1.0)], tokenizer, parallel.make_mesh(), batch_size=8,
+                             text_length=16, seed=0, shuffle_buffer=100, image_preprocess="decode|resize(8)",
+                             negative_kinds=("swap_words", "shuffle_trigrams")) as stream:
+        batch = {k: np.asarray(v) for k, v in next(stream).items()}
     assert batch["negative_tokens"].shape == (8, 2, 16)
     for tokens, negatives in zip(batch["tokens"], batch["negative_tokens"]):
         caption = tokenizer.decode(tokens)

@@ -1,11 +1,13 @@
 """The sharded train step, the loop, checkpoints and resume."""
 
+import concurrent.futures
 import glob
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -27,7 +29,7 @@ from jclip.train import loop
 from jclip.train.loop import train
 from jclip.train.optimizer import (build_optimizer, clip_trained_by_global_norm, learning_rate_schedule,
                                    weight_decay_mask)
-from jclip.train.profiling import parse_step_range
+from jclip.train.profiling import StepProfiler, parse_step_range
 from jclip.train.state import state_layout
 from jclip.train.step import make_gradient_step
 
@@ -75,14 +77,17 @@ def test_weight_decay_skips_biases_norms_scale_and_position_embeddings():
     assert not mask["image_tower"]["registers"]
 
 
-def test_short_run_lowers_loss_and_evaluates(tiny_config, tmp_path):
+def test_short_run_lowers_loss_and_evaluates(tiny_config, tmp_path, monkeypatch):
     tiny_config.total_steps = 40
     tiny_config.optimizer.learning_rate = 3e-3
     tiny_config.log_every = 5
     tiny_config.evaluate.every_steps = 20
     tiny_config.profile_steps = "3:5"
     workdir = str(tmp_path / "run")
+    closed, close = [], pipeline.TrainInput.close
+    monkeypatch.setattr(pipeline.TrainInput, "close", lambda stream: closed.append(close(stream)))
     train(tiny_config, workdir)
+    assert len(closed) == 1  # the run ended its input's thread
     assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
     lines = read_metrics(workdir)
     losses = [m["loss"] for m in lines if "loss" in m]
@@ -101,6 +106,35 @@ def test_short_run_lowers_loss_and_evaluates(tiny_config, tmp_path):
     assert os.path.exists(os.path.join(workdir, "plots", "compositionality.png"))
     os.remove(os.path.join(workdir, "results.json"))
     assert evaluate_checkpoint(tiny_config, workdir) == results  # what `python -m jclip.evaluate` does
+
+
+def test_the_profiler_starts_and_stops_once_the_next_batch_is_made(tmp_path, monkeypatch):
+    """`StepProfiler` settles the batch thread before it starts and stops a trace; a closed TrainInput's
+    thread has ended, the batch it was making dropped."""
+    events = []
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda directory: events.append("start"))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: events.append("stop"))
+    profiler = StepProfiler("1:3", str(tmp_path / "profile"), settle=lambda: events.append("settle"))
+    for step in range(4):
+        profiler.before(step)
+        profiler.after(step, jnp.zeros(()))
+    assert events == ["settle", "start", "settle", "stop"]
+    made = []
+
+    class Stream(pipeline.TrainInput):  # its batches are numbers, made slowly
+        def __init__(self):
+            self.position, self.skipped, self._ahead = 0, 0, None
+            self._maker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jclip-batches-test")
+
+        def _device_batch(self, position):
+            time.sleep(0.2)
+            made.append(position)
+            return position, position + 1, 0
+
+    with Stream() as stream:
+        assert next(stream) == 0 and made == [0]
+    assert made == [0, 1] and stream._ahead is None and not any(
+        thread.name.startswith("jclip-batches-test") for thread in threading.enumerate())
 
 
 def restore_params(config, workdir):

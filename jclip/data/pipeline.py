@@ -198,7 +198,8 @@ class TrainInput:
     `NAMED_SKIPPED` of them (`Source.describe`). The next batch is made (taken
     from tf.data, tokenized, sent to the devices) in a thread, so that this work
     overlaps the step that runs before it, also where the step runs synchronously
-    on the CPU (`jclip.host_memory.synchronous_cpu_dispatch`).
+    on the CPU (`jclip.host_memory.synchronous_cpu_dispatch`); `close()` (or
+    leaving a `with` block) ends the thread.
 
     The local batches come from one of the two `BatchSource`s (see above); from
     an `in_memory.TableBatches`, `left_out` counts the examples its table left
@@ -234,6 +235,25 @@ class TrainInput:
 
     def __iter__(self):
         return self
+
+    def __enter__(self) -> "TrainInput":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def wait(self) -> None:
+        """Return once the batch being made in the thread, if any, is made: then no JAX work of this stream is
+        under way (the trainer starts and stops the profiler at such moments)."""
+        if self._ahead is not None:
+            concurrent.futures.wait([self._ahead])
+
+    def close(self) -> None:
+        """End the thread: the batch being made is finished and dropped. A run calls it when it ends, so that
+        no batch is made beside what comes after (evaluation, the next run in the same process)."""
+        self.wait()
+        self._ahead = None
+        self._maker.shutdown(wait=True)
 
     def __next__(self) -> dict[str, jax.Array]:
         """The next global batch; the one after it is already on its way to the devices."""

@@ -209,8 +209,10 @@ class Run:
         return time.perf_counter() - self.started
 
     def close(self) -> None:
-        """Stop profiling, complete pending saves (also after an error: they are of good states), close files."""
+        """Stop profiling and making batches, complete pending saves (also after an error: they are of good
+        states), close files."""
         self.profiler.stop()
+        self.batches.close()
         self.checkpointer.wait()
         self.checkpointer.close()
         self.writer.close()
@@ -253,7 +255,7 @@ def set_up(config: ConfigDict, workdir: str) -> Run:
         throughput=ThroughputMeter(config.batch_size, flops, mesh.devices.size,
                                    peak_flops_per_device(config.peak_flops_per_device)),
         writer=MetricsWriter(workdir, tensorboard=config.tensorboard),
-        profiler=StepProfiler(config.get("profile_steps"), os.path.join(workdir, "profile")),
+        profiler=StepProfiler(config.get("profile_steps"), os.path.join(workdir, "profile"), settle=batches.wait),
         state=state, start_step=int(state.step),
     )
 

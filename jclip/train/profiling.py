@@ -6,7 +6,7 @@ the host's input pipeline and the gaps between steps.
 """
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 
@@ -25,16 +25,20 @@ def parse_step_range(spec: str) -> tuple[int, int]:
 
 
 class StepProfiler:
-    """Starts a trace before step `a` and writes it after step `b - 1` (`spec` "a:b"; None: no trace)."""
+    """Starts a trace before step `a` and writes it after step `b - 1` (`spec` "a:b"; None: no trace).
 
-    def __init__(self, spec: Optional[str], directory: str):
+    `settle` is called just before the trace starts and stops, to finish the caller's JAX work in other
+    threads (the next batch being made): the profiler then starts and stops beside no transfer of ours."""
+
+    def __init__(self, spec: Optional[str], directory: str, settle: Callable[[], None] = lambda: None):
         self.range = parse_step_range(spec) if spec else None
-        self.directory = directory
+        self.directory, self.settle = directory, settle
         self.active = False
 
     def before(self, step: int) -> None:
         if self.range and step == self.range[0]:
             os.makedirs(self.directory, exist_ok=True)
+            self.settle()
             jax.profiler.start_trace(self.directory)
             self.active = True
 
@@ -46,6 +50,7 @@ class StepProfiler:
 
     def stop(self) -> None:
         if self.active:
+            self.settle()
             jax.profiler.stop_trace()
             self.active = False
             if jax.process_index() == 0:
