@@ -108,7 +108,7 @@ FULL = Settings(
 )
 TINY = Settings(
     budget=300,
-    throughput=("--model", "bench-small", "--steps", "2", "--warmup", "0", "--stages"),
+    throughput=("--model", "test-micro", "--image-size", "32", "--steps", "2", "--warmup", "0", "--stages"),
     bf16_batch=4,
     fp32_batch=None,
     baseline=False,

@@ -39,6 +39,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bench-small", help="a name from jclip.models.list_models()")
     parser.add_argument("--batch", type=int, default=128, help="global batch (per device with --scaling)")
+    parser.add_argument("--image-size", type=int,
+                        help="image side in pixels (default: the model's; needed for models sized by their data, "
+                             "such as test-micro)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -104,7 +107,9 @@ def jclip_worker(args) -> dict:
         overrides.setdefault("matmul_dtype", "bfloat16")
     model = models.create(args.model, **overrides)
     config = models.model_config(args.model, **overrides)
-    image_size, length = config["vision"]["image_size"], config["text"]["context_length"]
+    image_size, length = args.image_size or config["vision"].get("image_size"), config["text"]["context_length"]
+    if image_size is None:
+        raise SystemExit(f"{args.model} takes its image size from the data: give --image-size")
     image_shape = (image_size, image_size, 3)
     mesh = parallel.make_mesh(args.devices)
     batch_size = args.batch * args.devices if args.scaling else args.batch
@@ -317,6 +322,8 @@ def run_worker(args, worker: str, devices: int = 1, options: str = "", flops_per
                "--devices", str(devices), "--options", options, "--flops-per-sample", str(flops_per_sample)]
     if args.stages:
         command.append("--stages")
+    if args.image_size:
+        command += ["--image-size", str(args.image_size)]
     if args.scaling:
         command += ["--scaling", args.scaling]
     environment = dict(os.environ)

@@ -2,8 +2,10 @@
 
 import os
 
+import xla_flags
+
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # workers set their own
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags.with_devices(8)).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # One persistent compilation cache for the session, inherited by the worker processes the tests

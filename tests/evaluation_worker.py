@@ -8,10 +8,12 @@ import json
 import os
 import sys
 
+import xla_flags
+
 process_id, num_processes, port, data_dir, output = sys.argv[1:6]
 tasks = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
 batch_size = int(sys.argv[7]) if len(sys.argv) > 7 else 48
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = xla_flags.with_devices(2)
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 

@@ -13,6 +13,8 @@ the stop checkpoint (the signal that comes a little late).
 import os
 import sys
 
+import xla_flags
+
 
 def worker_config(data_dir: str, steps: int):
     """The run every worker trains (also resumed in the tests' own process)."""
@@ -75,7 +77,7 @@ def send_sigterm_after(steps: list[int]) -> None:
 
 if __name__ == "__main__":
     process_id, num_processes, port, workdir, data_dir, steps = sys.argv[1:7]
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = xla_flags.with_devices(2)
 
     import jax  # (after XLA_FLAGS)
 

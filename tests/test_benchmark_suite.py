@@ -21,6 +21,7 @@ from jclip.evaluate.results_table import read_table, task_rows, write_table
 from jclip.evaluate.retrieval import recall_at_k
 from jclip.evaluate.tasks import run_tasks
 from test_labelled_images import write_benchmark_shards, write_shard
+import xla_flags
 
 COUNT = 13  # images; batches of 8 do not divide them
 DAMAGED = 9  # the index (in the retrieval shards) of a sample whose image does not decode
@@ -183,7 +184,7 @@ def test_the_suite_config_runs_what_is_present_and_fills_one_table(suite, tmp_pa
     table = tmp_path / "suite.csv"
     command = [sys.executable, "-m", "jclip.evaluate", "--config", "configs/benchmark_suite.py", "--checkpoint", run,
                "--all_steps", "--data_dir", str(suite), "--table", str(table), "--config.evaluate.batch_size=8"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags.with_devices(2)}
     first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("skipped 38 task(s) whose data is absent: caltech101, cars, cifar100, ") == 2

@@ -29,7 +29,7 @@ def test_tiny_device_check_writes_every_stage(shapes_data_dir, tmp_path):
     assert report["machine"]["jax"]["platform"] == "cpu" and report["machine"]["packages"]["jax"]
     assert report["machine"]["matmul_precision"]["highest"] < 1e-5
     throughput = stages["throughput_bf16"]["figures"]
-    assert throughput["model"] == "bench-small" and throughput["precision"] == "bf16"
+    assert throughput["model"] == "test-micro" and throughput["precision"] == "bf16"
     assert throughput["samples_per_s"] > 0 and 0 < throughput["mfu"] and throughput["gflops_per_sample"] > 0
     assert stages["loss_memory"]["figures"]["rows"][0]["temp_mib"] > 0
     for name in ("loss_tests", "train_step_tests", "sharded_tests_cpu"):

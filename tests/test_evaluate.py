@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from conftest import REPO, load_config
 from evaluation_tasks import TASKS, micro_evaluator
 from helpers import run_workers
+import xla_flags
 from open_clip_support import import_open_clip, random_open_clip
 from jclip import models, parallel
 from jclip.convert import from_open_clip
@@ -141,7 +142,7 @@ def test_evaluate_command_runs_selected_tasks_of_a_checkpoint(tiny_config, tmp_p
     command = [sys.executable, "-m", "jclip.evaluate", "--config", "configs/shapes_tiny.py",
                "--config.evaluate.shapes_config=tiny", "--config.data.tokenizer=shapes/tiny",
                f"--config.data.data_dir={data_dir}", "--config.evaluate.batch_size=64"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags.with_devices(2)}
     done = subprocess.run(command + ["--checkpoint", os.path.join(run, "checkpoints", "2"), "--tasks",
                                      "compositionality"], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -12,6 +12,7 @@ import numpy as np
 from conftest import REPO
 from helpers import assert_trees_close, assert_trees_equal, free_port, read_metrics, run_workers
 from multiprocess_worker import worker_config
+import xla_flags
 
 
 def run_processes(workdir, data_dir, steps, *sigterm_after, processes=2):
@@ -123,7 +124,7 @@ def test_even_split_of_the_data_position_over_another_process_count(monkeypatch)
 
 def test_train_command_joins_a_multihost_job(tmp_path, shapes_data_dir):
     port = free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags.with_devices(2)}
     args = ["--config", "configs/shapes_tiny.py", "--workdir", str(tmp_path / "run"), "--multihost",
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
             "--config.data.sources.shapes.config=tiny", "--config.data.tokenizer=shapes/tiny",

@@ -24,6 +24,7 @@ from jclip.evaluate.from_checkpoint import evaluate_checkpoint
 from jclip.parameter_layout import parameter_shapes
 from jclip.train.loop import train
 from jclip.wise_ft import interpolate, parse_alphas, wise_ft
+import xla_flags
 
 TASKS = ["shapes", "compositionality"]
 SHIFT = ("red", "blue")  # the fine-tuning data: images whose objects are all of these colours
@@ -153,7 +154,7 @@ def test_the_report_and_the_chosen_mixture(runs, mixed):
 
 def command(*args):
     """`python -m jclip.wise_ft` with the shrunk demo's data settings, on 2 CPU devices."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags.with_devices(2), "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-m", "jclip.wise_ft", "--config", "configs/shapes_tiny.py",
                            "--config.evaluate.shapes_config=tiny", "--config.data.tokenizer=shapes/tiny",
                            "--config.evaluate.batch_size=64", *args], cwd=REPO, env=env, capture_output=True,

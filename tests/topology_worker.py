@@ -12,9 +12,11 @@ the parameters of each to WORKDIR/params_STEP.npz.
 import os
 import sys
 
+import xla_flags
+
 process_id, num_processes, port, devices, workdir, end_step, sharding = sys.argv[1:8]
 save_steps = {int(step) for step in (end_step, *sys.argv[8:9])}
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+os.environ["XLA_FLAGS"] = xla_flags.with_devices(int(devices))
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
